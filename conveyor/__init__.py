@@ -1,0 +1,1 @@
+"""Shared models and configuration for Conveyor (imported by every layer, imports none of them)."""
