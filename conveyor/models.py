@@ -310,6 +310,9 @@ class TaskResult(BaseModel):
 
     status: TaskStatus
     repo: RepoPolicy
+    requester: Identity | None = None
+    origin: Origin | None = None
+    refs: dict[str, str] = Field(default_factory=dict)
 
 
 class RevertRequest(BaseModel):
@@ -321,3 +324,8 @@ class RevertRequest(BaseModel):
     merge_sha: str
     change: ChangeRequest | None = None
     decision: Decision
+    original: TaskStatus | None = None
+    """The task's final status, so the revert's status continues its audit trail."""
+    requester: Identity | None = None
+    origin: Origin | None = None
+    refs: dict[str, str] = Field(default_factory=dict)
