@@ -1,0 +1,132 @@
+"""Trusted-side validation of an agent's patch before anything is applied.
+
+The patch is untrusted output. Refuse: paths outside the tree, anything under .git/, symlinks
+pointing out of the tree, submodule (gitlink) entries, and files or totals over the caps.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+
+from pydantic import BaseModel, Field
+
+
+class PatchRejected(Exception):
+    """The patch breaks a rule; the message is shown to the requester."""
+
+
+class PatchStats(BaseModel):
+    files: list[str] = Field(default_factory=list)
+    lines_added: int = 0
+    lines_removed: int = 0
+    size: int = 0
+
+
+_HEADER = re.compile(r"^diff --git (\"(?:[^\"\\]|\\.)*\"|\S+) (\"(?:[^\"\\]|\\.)*\"|\S+)$")
+_PATH_LINES = ("rename from ", "rename to ", "copy from ", "copy to ")
+_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "a": "\a", "b": "\b", "f": "\f", "r": "\r", "v": "\v"}
+
+
+def _unquote(token: str) -> str:
+    """Git's C-style quoting of unusual path names (octal bytes for non-ASCII)."""
+    if not (token.startswith('"') and token.endswith('"')):
+        return token
+    body, out, i = token[1:-1], bytearray(), 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\" and i + 1 < len(body):
+            nxt = body[i + 1]
+            if nxt in "01234567" and i + 3 < len(body) + 1:
+                out += bytes([int(body[i + 1 : i + 4], 8)])
+                i += 4
+                continue
+            out += _ESCAPES.get(nxt, nxt).encode()
+            i += 2
+            continue
+        out += ch.encode()
+        i += 1
+    return out.decode("utf-8", errors="surrogateescape")
+
+
+def check_path(path: str) -> str:
+    """A repository-relative path that stays in the tree and out of .git."""
+    if not path or "\0" in path:
+        raise PatchRejected("patch names an empty or NUL-containing path")
+    if path.startswith("/"):
+        raise PatchRejected(f"patch writes an absolute path: {path!r}")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise PatchRejected(f"patch path leaves the tree or is not normalized: {path!r}")
+    if any(p.lower() in (".git",) or p.lower().startswith(".git~") for p in parts):
+        raise PatchRejected(f"patch changes git metadata: {path!r}")
+    return path
+
+
+def _strip_prefix(path: str, prefix: str) -> str:
+    if path == "/dev/null":
+        return ""
+    if not path.startswith(prefix):
+        raise PatchRejected(f"unexpected path prefix in patch: {path!r}")
+    return path[len(prefix) :]
+
+
+def validate_patch(patch: bytes, max_bytes: int, max_files: int | None = None) -> PatchStats:
+    if len(patch) > max_bytes:
+        raise PatchRejected(f"patch is {len(patch):,} bytes; the limit is {max_bytes:,}")
+    text = patch.decode("utf-8", errors="surrogateescape")
+    stats = PatchStats(size=len(patch))
+    current: str | None = None
+    symlink_files: set[str] = set()
+    symlink_targets: dict[str, list[str]] = {}
+    in_hunk = False
+    for line in text.split("\n"):
+        if line.startswith("diff --git "):
+            match = _HEADER.match(line)
+            if not match:
+                raise PatchRejected(f"malformed diff header: {line[:200]!r}")
+            a = check_path(_strip_prefix(_unquote(match.group(1)), "a/"))
+            b = check_path(_strip_prefix(_unquote(match.group(2)), "b/"))
+            current = b or a
+            stats.files.append(current)
+            in_hunk = False
+            continue
+        if current is None:
+            if line.strip():
+                raise PatchRejected("patch has content before its first diff header")
+            continue
+        if line.startswith("@@"):
+            in_hunk = True
+            continue
+        if in_hunk and line[:1] in ("+", "-", " ", "\\"):
+            if line.startswith("+"):
+                stats.lines_added += 1
+                if current in symlink_files:
+                    symlink_targets.setdefault(current, []).append(line[1:])
+            elif line.startswith("-"):
+                stats.lines_removed += 1
+            continue
+        in_hunk = False
+        for key in _PATH_LINES:
+            if line.startswith(key):
+                check_path(_unquote(line[len(key) :]))
+        if line.startswith("--- ") or line.startswith("+++ "):
+            token = line[4:]
+            if token != "/dev/null":
+                check_path(_strip_prefix(_unquote(token), "a/" if line[0] == "-" else "b/"))
+        if re.match(r"^(new file mode|new mode|index [0-9a-f]+\.\.[0-9a-f]+) 160000", line):
+            raise PatchRejected(f"patch adds a submodule (gitlink) at {current!r}")
+        if re.match(r"^(new file mode|new mode) 120000", line) or re.match(r"^index \S+ 120000$", line):
+            symlink_files.add(current)
+        if line.startswith("GIT binary patch") and current in symlink_files:
+            raise PatchRejected(f"binary symlink target at {current!r}")
+    for link, targets in symlink_targets.items():
+        for target in targets:
+            if target.startswith("/"):
+                raise PatchRejected(f"symlink {link!r} points outside the tree: {target!r}")
+            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
+            if resolved == ".." or resolved.startswith("../") or resolved.split("/")[0].lower() == ".git":
+                raise PatchRejected(f"symlink {link!r} points outside the tree: {target!r}")
+    if max_files is not None and len(stats.files) > max_files:
+        raise PatchRejected(f"patch changes {len(stats.files)} files; the limit is {max_files}")
+    return stats
