@@ -81,11 +81,9 @@ def git_dir_of(path: Path) -> Path:
     raise GitError(["rev-parse"], 128, f"{path} is not a git repository")
 
 
-def merge_tree(git_dir: Path, ours: str, theirs: str, merge_base: str | None = None) -> str | None:
+def merge_tree(git_dir: Path, ours: str, theirs: str) -> str | None:
     """Three-way merge without a working tree: the merged tree id, or None on conflict."""
     args = ["merge-tree", "--write-tree", "--no-messages"]
-    if merge_base:
-        args.append(f"--merge-base={merge_base}")
     argv = ["git", *SAFE_CONFIG, "--git-dir", str(git_dir), *args, ours, theirs]
     proc = subprocess.run(argv, capture_output=True, env=git_env())
     if proc.returncode == 1:

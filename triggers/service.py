@@ -168,7 +168,7 @@ async def signal_task(client: Client, task_id: str, signal: SignalName, decision
 async def closed_result(client: Client, task_id: str) -> TaskResult | None:
     """The result of a task whose workflow completed; None if it failed/terminated without one."""
     try:
-        return await client.get_workflow_handle(task_id).result(result_type=TaskResult)
+        return await client.get_workflow_handle(task_id, result_type=TaskResult).result()
     except WorkflowFailureError:
         return None
 
@@ -194,6 +194,8 @@ async def revert_task(client: Client, task_id: str, decision: Decision, settings
     status = result.status
     if status.stage.value in ("reverting", "reverted"):
         return "already"
+    if not result.repo.allows("reverters", decision.by.principal, decision.by.id):
+        raise Refused(f"{decision.by} may not revert tasks on {result.repo.name}")
     if not status.merge_sha:
         raise TaskClosed(f"task {task_id} was never merged (stage {status.stage.value}); nothing to revert")
     from conveyor.models import RevertRequest
@@ -215,7 +217,8 @@ async def revert_task(client: Client, task_id: str, decision: Decision, settings
             request,
             id=f"{task_id}-revert",
             task_queue=settings.task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            # a failed revert (conflict, refusal) may be retried; a completed one is final
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             execution_timeout=timedelta(hours=1),
         )
         return "started"
@@ -251,7 +254,7 @@ async def _revert_status(client: Client, task_id: str) -> TaskStatus | None:
     if desc.status == WorkflowExecutionStatus.RUNNING:
         return await handle.query("status", result_type=TaskStatus)
     try:
-        return (await handle.result(result_type=TaskResult)).status
+        return (await client.get_workflow_handle(f"{task_id}-revert", result_type=TaskResult).result()).status
     except WorkflowFailureError:
         return None
 

@@ -80,15 +80,15 @@ class AuditTrail:
         self.status = status
 
     def record(self, action: str, by: Identity | str = "", via: str = "", detail: str = "") -> None:
-        audit = self.st.audit
+        audit = self.status.audit
         if len(audit) >= MAX_AUDIT:  # bounded history: keep the first entries and the newest
             del audit[MAX_AUDIT // 2]
         audit.append(AuditEvent(at=workflow.now(), action=action, by=str(by), via=via, detail=detail[:500]))
 
     def stage(self, stage: Stage, detail: str = "") -> None:
-        self.st.stage = stage
+        self.status.stage = stage
         if detail:
-            self.st.detail = detail
+            self.status.detail = detail
         self.record("stage", detail=stage.value + (f": {detail}" if detail else ""))
         workflow.upsert_search_attributes([search.STAGE.value_set(stage.value)])
 
@@ -497,8 +497,8 @@ class RevertTaskWorkflow:
     async def run(self, req: RevertRequest) -> TaskResult:
         decision = req.decision
         if not req.repo.allows("reverters", decision.by.principal, decision.by.id):
-            self.trail.record("refused", decision.by, decision.via, "revert: not a reverter for this repository")
-            return TaskResult(status=self.trail.status, repo=req.repo)
+            # Fail (not complete) so that an authorized revert can still start under the same id.
+            raise ApplicationError(f"{decision.by} is not a reverter for {req.repo.name}", type="Refused", non_retryable=True)
         self.trail.record("revert_requested", decision.by, decision.via, decision.reason)
         self.trail.status.stage = Stage.reverting
         result = await revert(req.task_id, req.repo, req.base, req.merge_sha, req.change, decision)

@@ -261,9 +261,16 @@ class LocalGitCodeHost:
             parents = git_text("rev-list", "--parents", "-n1", merge_sha, git_dir=gd).split()[1:]
             if not parents:
                 raise CodeHostError(f"{merge_sha[:12]} has no parent to revert to", retryable=False)
-            tree = merge_tree(gd, base_now, parents[0], merge_base=merge_sha)
-            if tree is None:
-                raise CodeHostError(f"reverting {merge_sha[:12]} conflicts with later changes on {base}", retryable=False)
+            # The inverse of the merge (merge -> its first parent), applied to today's base.
+            inverse = run_git("diff", "--binary", merge_sha, parents[0], git_dir=gd)
+            with tempfile.TemporaryDirectory(prefix="conveyor-index-") as tmp:
+                env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+                run_git("read-tree", base_now, git_dir=gd, env=env)
+                try:
+                    run_git("apply", "--cached", "--3way", "-", git_dir=gd, env=env, input=inverse)
+                except GitError:
+                    raise CodeHostError(f"reverting {merge_sha[:12]} conflicts with later changes on {base}", retryable=False) from None
+                tree = git_text("write-tree", git_dir=gd, env=env)
             sha = git_text("commit-tree", tree, "-p", base_now, git_dir=gd, input=message.encode())
             self._advance(repo, gd, base, sha, base_now)
             return RevertResult(revert_sha=sha, url=f"file://{self._origin(repo)}#{sha}")
