@@ -206,7 +206,7 @@ async def cmd_revert(args, settings: Settings) -> int:
 
 
 async def cmd_status(args, settings: Settings) -> int:
-    async with stack(settings, need_worker=False) as client:
+    async with stack(settings) as client:
         if args.task_id:
             print_status(await service.task_status(client, args.task_id), args.json)
             return 0
@@ -214,7 +214,7 @@ async def cmd_status(args, settings: Settings) -> int:
 
 
 async def cmd_list(args, settings: Settings) -> int:
-    async with stack(settings, need_worker=False) as client:
+    async with stack(settings) as client:
         return await _list(client, args.json)
 
 

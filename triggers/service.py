@@ -19,7 +19,8 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from conveyor.config import RepoPolicy, Settings
-from conveyor.models import MAX_TASK_CHARS, Decision, Identity, Origin, TaskRequest, TaskResult, TaskStatus
+from conveyor.models import MAX_TASK_CHARS, Decision, Identity, Origin, Stage, TaskRequest, TaskResult, TaskStatus
+from conveyor import search
 from conveyor.search import search_attributes_at_start
 
 TASK_WORKFLOW = "AgentTaskWorkflow"
@@ -134,6 +135,7 @@ async def start_task(client: Client, request: TaskRequest, settings: Settings) -
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             search_attributes=search_attributes_at_start(request),
+            memo={"text": request.text[:200], "base": request.base},
             static_summary=f"{request.repo.name}: {request.text[:180]}",
         )
         started = True
@@ -260,6 +262,7 @@ async def _revert_status(client: Client, task_id: str) -> TaskStatus | None:
 
 
 async def list_tasks(client: Client, requester_principal: str | None = None, limit: int = 20) -> list[TaskStatus]:
+    """Recent tasks from visibility (search attributes + memo): no worker needed, no query per task."""
     query = f"WorkflowType = '{TASK_WORKFLOW}'"
     if requester_principal:
         safe = requester_principal.replace("'", "")
@@ -267,10 +270,19 @@ async def list_tasks(client: Client, requester_principal: str | None = None, lim
     out: list[TaskStatus] = []
     try:
         async for wf in client.list_workflows(query, limit=limit):
-            try:
-                out.append(await task_status(client, wf.id))
-            except ServiceError:
-                continue
+            attrs = wf.typed_search_attributes
+            memo = await wf.memo()
+            out.append(
+                TaskStatus(
+                    task_id=wf.id,
+                    repo=attrs.get(search.REPO) or "",
+                    base=str(memo.get("base", "")),
+                    text=str(memo.get("text", "")),
+                    requester=attrs.get(search.REQUESTER) or "",
+                    source=attrs.get(search.SOURCE) or "",
+                    stage=Stage(attrs.get(search.STAGE) or "received"),
+                )
+            )
     except RPCError as exc:
         raise Unavailable(f"Temporal error: {exc.message}") from exc
     return out
