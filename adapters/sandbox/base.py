@@ -33,6 +33,8 @@ class SandboxSpec(BaseModel):
     tmp_mb: int = 512
     wall_clock_s: float = 1800
     output_cap_bytes: int = 8 * 1024 * 1024
+    inodes: int = 0
+    """Cap on files+directories in the workspace; 0 = derived from disk_mb (64 per MB, at least 4096)."""
     secrets: list[str] = Field(default_factory=list)
     stdin: bytes = b""
     inputs: dict[str, str] = Field(default_factory=dict)
