@@ -39,6 +39,8 @@ class SandboxSpec(BaseModel):
     stdin: bytes = b""
     inputs: dict[str, str] = Field(default_factory=dict)
     """Files provided read-only at /run/conveyor/<name> (task.md, context.md)."""
+    image: str = ""
+    """Modal image for the repo's profile (ignored by the local backend)."""
     outbox: bool = False
     """Give the run a writable /run/conveyor/out (agent summary); read back into SandboxResult.outbox."""
 
@@ -58,6 +60,7 @@ class SandboxSpec(BaseModel):
             wall_clock_s=policy.wall_clock_s,
             output_cap_bytes=policy.output_cap_bytes,
             secrets=list(policy.secrets),
+            image=policy.image,
         )
         values.update(overrides)
         return cls(**values)
@@ -124,6 +127,28 @@ class SandboxJob(BaseModel):
     agent: SandboxSpec
     setup: SandboxSpec | None = None
     max_patch_bytes: int = 5 * 1024 * 1024
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: SandboxPolicy,
+        workspace: Path,
+        base_sha: str,
+        argv: list[str],
+        *,
+        max_patch_bytes: int = 5 * 1024 * 1024,
+        **agent_overrides,
+    ) -> "SandboxJob":
+        """Agent step from the policy; setup step (if `setup_command`) under the same limits with
+        `setup_allow_domains` added to the allowlist, and without the agent's secrets."""
+        agent = SandboxSpec.from_policy(policy, workspace, argv, **agent_overrides)
+        setup = None
+        if policy.setup_command.strip():
+            domains = list(dict.fromkeys([*policy.allow_domains, *policy.setup_allow_domains]))
+            setup = SandboxSpec.from_policy(
+                policy, workspace, ["/bin/sh", "-c", policy.setup_command], allow_domains=domains, secrets=[]
+            )
+        return cls(base_sha=base_sha, agent=agent, setup=setup, max_patch_bytes=max_patch_bytes)
 
 
 class SandboxJobResult(BaseModel):
