@@ -72,6 +72,8 @@ ETC_ENTRIES = (
     "magic", "magic.mime", "terminfo", "locale.alias", "java-17-openjdk",
 )
 
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "mtrr", "fs", "driver", "acpi", "scsi", "tty", "irq", "bus")
+
 BASE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
     "HOME": "/tmp",
@@ -223,6 +225,10 @@ class BubblewrapSandbox:
         for entry in ETC_ENTRIES:
             argv += ["--ro-bind-try", f"/etc/{entry}", f"/etc/{entry}"]
         argv += ["--proc", "/proc", "--dev", "/dev"]
+        # The sandbox runs as host uid 0 without capabilities; sysctls check only the uid, so
+        # /proc/sys (core_pattern!) and friends must be read-only mounts.
+        for entry in PROC_READ_ONLY:
+            argv += ["--ro-bind-try", f"/proc/{entry}", f"/proc/{entry}"]
         argv += ["--size", str(spec.tmp_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp"]
         argv += ["--dir", "/var", "--symlink", "/tmp", "/var/tmp"]
         argv += ["--ro-bind", str(inputs_dir), INPUTS_DIR]
@@ -234,7 +240,7 @@ class BubblewrapSandbox:
             for name in ("hooks", "config"):
                 if (git / name).exists():
                     argv += ["--ro-bind", str(git / name), f"{WORKSPACE}/.git/{name}"]
-        argv += ["--chdir", WORKSPACE]
+        argv += ["--remount-ro", "/", "--chdir", WORKSPACE]
         return argv
 
     async def _execute(
@@ -405,7 +411,7 @@ class BubblewrapSandbox:
                 stop, detail = Outcome.output_cap, f"output passed the {cap}-byte cap"
             elif cgroup is not None and cgroup.oom_kills():
                 stop, detail = Outcome.memory, f"memory limit of {spec.memory_mb} MB reached (OOM kill)"
-            elif cgroup is not None and code and cgroup.pids_hits():
+            elif cgroup is not None and cgroup.pids_hits():
                 stop, detail = Outcome.pids, f"process limit of {spec.pids} reached"
             elif code == 128 + signal.SIGXFSZ:
                 stop, detail = Outcome.disk, f"file size limit of {spec.disk_mb} MB reached"
