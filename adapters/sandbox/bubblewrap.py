@@ -358,7 +358,7 @@ class BubblewrapSandbox:
         inode_cap = spec.inodes or max(4096, spec.disk_mb * 64)
         disk_limit = spec.disk_mb * 1024 * 1024
         disk_task: asyncio.Future | None = None
-        next_disk = time.monotonic() + 0.2
+        next_disk = time.monotonic() + 0.1
         disk_every = 0.25
         last_beat = time.monotonic()
         stop: Outcome | None = None
@@ -379,7 +379,7 @@ class BubblewrapSandbox:
                 elif disk_task is not None and disk_task.done():
                     used, entries, scan_s = disk_task.result()
                     disk_task = None
-                    disk_every = max(0.25, scan_s * 5)
+                    disk_every = max(0.1, scan_s * 5)
                     next_disk = now + disk_every
                     if used > disk_limit or entries > inode_cap:
                         stop = Outcome.disk
