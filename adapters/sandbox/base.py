@@ -39,6 +39,10 @@ class SandboxSpec(BaseModel):
     stdin: bytes = b""
     inputs: dict[str, str] = Field(default_factory=dict)
     """Files provided read-only at /run/conveyor/<name> (task.md, context.md)."""
+    read_only_paths: list[Path] = Field(default_factory=list)
+    """Host directories bound read-only at the same path (local backend), e.g. the object stores a
+    `git clone --shared` workspace borrows (see `git_alternates`). Trusted input: compute it when
+    preparing the workspace, never from the tree after an agent ran."""
     image: str = ""
     """Modal image for the repo's profile (ignored by the local backend)."""
     outbox: bool = False
@@ -64,6 +68,23 @@ class SandboxSpec(BaseModel):
         )
         values.update(overrides)
         return cls(**values)
+
+
+def git_alternates(workspace: Path) -> list[Path]:
+    """Object directories a workspace borrows through .git/objects/info/alternates (`--shared`)."""
+    objects = workspace / ".git" / "objects"
+    try:
+        lines = (objects / "info" / "alternates").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            path = (objects / line).resolve() if not line.startswith("/") else Path(line).resolve()
+            if path.is_dir():
+                found.append(path)
+    return found
 
 
 class Outcome(str, Enum):

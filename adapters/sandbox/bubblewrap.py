@@ -231,6 +231,10 @@ class BubblewrapSandbox:
             argv += ["--ro-bind-try", f"/proc/{entry}", f"/proc/{entry}"]
         argv += ["--size", str(spec.tmp_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp"]
         argv += ["--dir", "/var", "--symlink", "/tmp", "/var/tmp"]
+        for path in spec.read_only_paths:
+            if not path.is_absolute() or not path.is_dir() or path.resolve() == Path("/"):
+                raise SandboxError(f"read-only path {path} must be an existing absolute directory")
+            argv += ["--ro-bind", str(path.resolve()), str(path.resolve())]
         argv += ["--ro-bind", str(inputs_dir), INPUTS_DIR]
         if outbox_dir is not None:
             argv += ["--bind", str(outbox_dir), OUTBOX_DIR]

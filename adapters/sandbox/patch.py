@@ -42,6 +42,7 @@ def patch_spec(job: SandboxJob) -> SandboxSpec:
         pids=64,
         disk_mb=agent.disk_mb,
         inodes=agent.inodes,
+        read_only_paths=list(agent.read_only_paths),
         tmp_mb=16,
         wall_clock_s=min(agent.wall_clock_s, 300),
         output_cap_bytes=job.max_patch_bytes,
