@@ -72,8 +72,6 @@ ETC_ENTRIES = (
     "magic", "magic.mime", "terminfo", "locale.alias", "java-17-openjdk",
 )
 
-PROC_READ_ONLY = ("sys", "sysrq-trigger", "mtrr", "fs", "driver", "acpi", "scsi", "tty", "irq", "bus")
-
 BASE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
     "HOME": "/tmp",
@@ -222,13 +220,10 @@ class BubblewrapSandbox:
         """The mechanism for a spec's filesystem policy (namespaces and mounts), without the fds."""
         argv = [self.bwrap, *_NAMESPACE_ARGS, "--hostname", "sandbox"]
         argv += ["--ro-bind", "/usr", "/usr", *_usr_links()]
-        for entry in ETC_ENTRIES:
-            argv += ["--ro-bind-try", f"/etc/{entry}", f"/etc/{entry}"]
-        argv += ["--proc", "/proc", "--dev", "/dev"]
-        # The sandbox runs as host uid 0 without capabilities; sysctls check only the uid, so
-        # /proc/sys (core_pattern!) and friends must be read-only mounts.
-        for entry in PROC_READ_ONLY:
-            argv += ["--ro-bind-try", f"/proc/{entry}", f"/proc/{entry}"]
+        argv += ["--ro-bind", str(etc_snapshot()), "/etc"]
+        # The sandbox runs as host uid 0 without capabilities, and sysctls check only the uid:
+        # /proc/sys (core_pattern!), sysrq-trigger and the rest of /proc are mounted read-only.
+        argv += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev"]
         argv += ["--size", str(spec.tmp_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp"]
         argv += ["--dir", "/var", "--symlink", "/tmp", "/var/tmp"]
         for path in spec.read_only_paths:
@@ -563,6 +558,37 @@ _NAMESPACE_ARGS = (
 )
 
 
+_etc_lock = threading.Lock()
+_etc_cache: dict[str, tuple[Path, float]] = {}
+ETC_REFRESH_S = 300.0
+
+
+def etc_snapshot() -> Path:
+    """A copy of the curated /etc entries, refreshed every few minutes: one bind mount per run
+    instead of thirty (each read-only bind makes bwrap re-read the mount table)."""
+    with _etc_lock:
+        cached = _etc_cache.get("etc")
+        if cached and cached[0].is_dir() and time.monotonic() - cached[1] < ETC_REFRESH_S:
+            return cached[0]
+        target = Path(tempfile.mkdtemp(prefix="conveyor-etc-"))
+        for entry in ETC_ENTRIES:
+            source = Path("/etc") / entry
+            dest = target / entry
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if source.is_dir() and not source.is_symlink():
+                    shutil.copytree(source, dest, symlinks=True)
+                elif source.exists() or source.is_symlink():
+                    shutil.copy2(source, dest, follow_symlinks=False)
+            except OSError:
+                continue  # unreadable entries are simply absent in the sandbox
+        target.chmod(0o755)
+        if cached:
+            shutil.rmtree(cached[0], ignore_errors=True)
+        _etc_cache["etc"] = (target, time.monotonic())
+        return target
+
+
 def _usr_links() -> list[str]:
     """Merged-/usr systems: /bin, /lib... are symlinks; otherwise bind them read-only."""
     args: list[str] = []
@@ -654,11 +680,20 @@ def _listen_in_netns(pid: int, ports: list[int]) -> list[socket.socket]:
                 os.close(fd)
             for port in ports:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                result.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", port))
+                # bwrap brings up loopback in its child after reporting the pid: wait for it.
+                deadline = time.monotonic() + 5
+                while True:
+                    try:
+                        sock.bind(("127.0.0.1", port))
+                        break
+                    except OSError as exc:
+                        if exc.errno != errno.EADDRNOTAVAIL or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.0005)
                 sock.listen(128)
                 sock.setblocking(False)
-                result.append(sock)
         except BaseException as exc:  # reported to the caller: the run is refused
             failure.append(exc)
 

@@ -8,7 +8,10 @@ import pytest
 from adapters.sandbox.bubblewrap import BubblewrapSandbox
 from tests.adapters.sandbox.helpers import Network, Origin, make_repo
 
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+needs_bwrap = pytest.mark.skipif(
+    shutil.which("bwrap") is None or not Path("/usr/bin/python3").exists(),
+    reason="needs bubblewrap, and Debian's python3 in /usr for the in-sandbox probes (apt-get install bubblewrap python3)",
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import pytest
 
 from triggers.cli_sandbox import EXIT_LIMIT, EXIT_REFUSED, EXIT_TIMEOUT, register
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+from tests.adapters.sandbox.conftest import needs_bwrap
+
+pytestmark = needs_bwrap
 
 
 def cli(argv: list[str]) -> int:

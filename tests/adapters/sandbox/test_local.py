@@ -196,8 +196,12 @@ def test_bwrap_argv_policy() -> None:
     for flag in ("--unshare-user", "--unshare-pid", "--unshare-net", "--cap-drop ALL", "--disable-userns",
                  "--new-session", "--die-with-parent", "--proc /proc", f"--size {8 << 20} --perms 1777 --tmpfs /tmp"):
         assert flag in joined
-    assert "--bind /srv/ws /workspace" in joined and "/etc/shadow" not in joined and "/etc/ssh" not in joined
-    assert "--ro-bind-try /etc/ssl/certs" in joined and "/etc/ssl " not in joined + " "
+    assert "--bind /srv/ws /workspace" in joined and "--proc /proc --remount-ro /proc" in joined
+    assert joined.endswith("--remount-ro / --chdir /workspace")
+    etc = bubblewrap.etc_snapshot()
+    assert f"--ro-bind {etc} /etc" in joined
+    assert (etc / "passwd").is_file() and (etc / "ssl" / "certs").is_dir()
+    assert not (etc / "shadow").exists() and not (etc / "ssh").exists() and not (etc / "ssl" / "private").exists()
     assert stat.S_ISDIR(os.stat("/usr").st_mode)
     json.dumps(argv)
     assert PROBE  # helper importable
