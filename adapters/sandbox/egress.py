@@ -31,6 +31,8 @@ MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 MAX_DECISIONS = 1000
+MAX_CONNECTIONS = 256
+"""Concurrent connections per run: a flood from the sandbox must not exhaust the worker."""
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-alive", "host", "te", "upgrade"}
@@ -163,6 +165,10 @@ class EgressProxy:
         return await asyncio.wait_for(asyncio.open_connection(*target), CONNECT_TIMEOUT_S)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tasks) >= MAX_CONNECTIONS:
+            self._log(f"deny connection: more than {MAX_CONNECTIONS} concurrent connections")
+            _close(writer)
+            return
         task = asyncio.current_task()
         if task:
             self._tasks.add(task)

@@ -205,3 +205,11 @@ def test_bwrap_argv_policy() -> None:
     assert stat.S_ISDIR(os.stat("/usr").st_mode)
     json.dumps(argv)
     assert PROBE  # helper importable
+
+
+async def test_heartbeats_while_running(sandbox, repo, monkeypatch) -> None:
+    ws, _ = repo
+    monkeypatch.setattr(bubblewrap, "HEARTBEAT_EVERY_S", 0.1)
+    beats: list[float] = []
+    result = await sandbox.run(spec(ws, "sleep 0.6"), heartbeat=lambda: beats.append(1))
+    assert result.outcome == Outcome.ok and len(beats) >= 3
