@@ -213,3 +213,17 @@ async def test_heartbeats_while_running(sandbox, repo, monkeypatch) -> None:
     beats: list[float] = []
     result = await sandbox.run(spec(ws, "sleep 0.6"), heartbeat=lambda: beats.append(1))
     assert result.outcome == Outcome.ok and len(beats) >= 3
+
+
+async def test_cancellation_kills_the_whole_tree(sandbox, repo) -> None:
+    import asyncio
+
+    ws, _ = repo
+    script = "(setsid sh -c 'sleep 0.6; touch /workspace/SURVIVOR' &); sleep 0.6; touch /workspace/MAIN"
+    task = asyncio.ensure_future(sandbox.run(spec(ws, script)))
+    await asyncio.sleep(0.25)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.8)
+    assert not (ws / "SURVIVOR").exists() and not (ws / "MAIN").exists()
