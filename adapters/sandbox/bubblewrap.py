@@ -53,7 +53,7 @@ from adapters.sandbox.base import (
 )
 from adapters.sandbox.cgroups import Cgroup
 from adapters.sandbox.egress import Dialer, EgressProxy, Resolver
-from adapters.sandbox.model_proxy import ModelProxy, credential_env, endpoint_for
+from adapters.sandbox.model_proxy import ModelProxy, credential_env
 from adapters.sandbox.patch import OUTBOX_FILE_CAP, patch_spec, read_patch_result
 
 PROXY_PORT = 3128

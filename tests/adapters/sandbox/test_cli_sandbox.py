@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
-
-import pytest
 
 from triggers.cli_sandbox import EXIT_LIMIT, EXIT_REFUSED, EXIT_TIMEOUT, register
 
