@@ -2,7 +2,8 @@
 
 Mechanism, in order, for one run:
   1. bwrap starts with every namespace unshared (user, pid, net, ipc, uts, cgroup), all
-     capabilities dropped and further user namespaces disabled, and blocks (`--block-fd`) before
+     capabilities dropped, further user namespaces disabled and a seccomp filter (seccomp.py),
+     and blocks (`--block-fd`) before
      it runs the command, reporting its pid-1 process on `--info-fd`.
   2. While it is blocked the host puts that process in a fresh cgroup (memory, pids, cpu),
      applies rlimits to it (inherited by everything it forks), and — only if the run may use the
@@ -23,6 +24,7 @@ read-only), a size-bounded private /tmp, its own /proc and a minimal /dev.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import ctypes
 import errno
 import json
@@ -51,6 +53,7 @@ from adapters.sandbox.base import (
     SandboxResult,
     SandboxSpec,
 )
+from adapters.sandbox import seccomp
 from adapters.sandbox.cgroups import Cgroup
 from adapters.sandbox.egress import Dialer, EgressProxy, Resolver
 from adapters.sandbox.model_proxy import ModelProxy, credential_env
@@ -104,6 +107,7 @@ class BubblewrapSandbox:
         environ: Mapping[str, str] | None = None,
         term_grace_s: float = 5.0,
         use_cgroups: bool = True,
+        use_seccomp: bool | None = None,
         scratch_dir: Path | None = None,
     ) -> None:
         self.bwrap = shutil.which(bwrap) or bwrap
@@ -112,6 +116,7 @@ class BubblewrapSandbox:
         self.environ = environ if environ is not None else os.environ
         self.term_grace_s = term_grace_s
         self.use_cgroups = use_cgroups
+        self.use_seccomp = seccomp.supported() if use_seccomp is None else use_seccomp
         self.scratch_dir = scratch_dir
         self._probe: str | None | bool = False  # False = not probed yet
         self.last_proxies: list[EgressProxy] = []
@@ -257,15 +262,21 @@ class BubblewrapSandbox:
         started = time.monotonic()
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
-        full = [*argv, "--info-fd", str(info_w), "--block-fd", str(block_r), "--", *spec.argv]
+        fds = [info_w, block_r]
+        full = [*argv, "--info-fd", str(info_w), "--block-fd", str(block_r)]
+        if self.use_seccomp:
+            filter_fd = seccomp.program_fd()
+            fds.append(filter_fd)
+            full += ["--seccomp", str(filter_fd)]
+        full += ["--", *spec.argv]
         try:
-            proc = _Child(full, env, (info_w, block_r), bool(spec.stdin))
+            proc = _Child(full, env, tuple(fds), bool(spec.stdin))
         except OSError as exc:
-            for fd in (info_r, info_w, block_r, block_w):
+            for fd in (info_r, block_w, *fds):
                 os.close(fd)
             raise SandboxError(f"bubblewrap could not be started: {exc}") from None
-        os.close(info_w)
-        os.close(block_r)
+        for fd in fds:
+            os.close(fd)
         cgroup: Cgroup | None = None
         servers: list[asyncio.AbstractServer] = []
         proxies: list[EgressProxy] = []
@@ -585,6 +596,8 @@ def etc_snapshot() -> Path:
         target.chmod(0o755)
         if cached:
             shutil.rmtree(cached[0], ignore_errors=True)
+        else:
+            atexit.register(lambda: shutil.rmtree(_etc_cache["etc"][0], ignore_errors=True))
         _etc_cache["etc"] = (target, time.monotonic())
         return target
 

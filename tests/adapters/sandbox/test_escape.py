@@ -329,3 +329,24 @@ print(ask(b"GET http://allowed.example.org:443/after HTTP/1.1\r\n\r\n"))
     assert all(line.startswith(("HTTP/1.1 403", "HTTP/1.1 400", "HTTP/1.1 431")) for line in lines[:-1]), lines
     assert lines[-1] == "HTTP/1.1 200 OK"  # the proxy survived all of it
     assert network.dialed == [("93.184.215.14", 443)]
+
+
+async def test_seccomp_denies_kernel_surfaces(sandbox, repo, network) -> None:
+    from adapters.sandbox import seccomp
+    from adapters.sandbox.bubblewrap import BubblewrapSandbox
+
+    if not seccomp.supported():
+        pytest.skip("the seccomp filter is built for x86_64 only")
+    ws, _ = repo
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for name, nr in [('keyctl', 250), ('io_uring_setup', 425), ('perf_event_open', 298), ('getpid', 39)]:\n"
+        "    r = libc.syscall(nr, 0, 0, 0, 0, 0); print(name, 'EPERM' if r < 0 and ctypes.get_errno() == 1 else 'other')\n"
+        "print('nnp', open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0])\n"
+    )
+    filtered = (await sandbox.run(py(ws, code))).output.decode().split()
+    assert filtered == ["keyctl", "EPERM", "io_uring_setup", "EPERM", "perf_event_open", "EPERM", "getpid", "other", "nnp", "1"]
+    # the same probe without the filter gets the kernel's own answers: the filter is what denies
+    plain = await BubblewrapSandbox(use_seccomp=False).run(py(ws, code))
+    assert "keyctl other" in plain.output.decode() and "io_uring_setup other" in plain.output.decode()
