@@ -33,10 +33,18 @@ class SandboxSpec(BaseModel):
     tmp_mb: int = 512
     wall_clock_s: float = 1800
     output_cap_bytes: int = 8 * 1024 * 1024
+    inodes: int = 0
+    """Cap on files+directories in the workspace; 0 = derived from disk_mb (64 per MB, at least 4096)."""
     secrets: list[str] = Field(default_factory=list)
     stdin: bytes = b""
     inputs: dict[str, str] = Field(default_factory=dict)
     """Files provided read-only at /run/conveyor/<name> (task.md, context.md)."""
+    read_only_paths: list[Path] = Field(default_factory=list)
+    """Host directories bound read-only at the same path (local backend), e.g. the object stores a
+    `git clone --shared` workspace borrows (see `git_alternates`). Trusted input: compute it when
+    preparing the workspace, never from the tree after an agent ran."""
+    image: str = ""
+    """Modal image for the repo's profile (ignored by the local backend)."""
     outbox: bool = False
     """Give the run a writable /run/conveyor/out (agent summary); read back into SandboxResult.outbox."""
 
@@ -56,9 +64,27 @@ class SandboxSpec(BaseModel):
             wall_clock_s=policy.wall_clock_s,
             output_cap_bytes=policy.output_cap_bytes,
             secrets=list(policy.secrets),
+            image=policy.image,
         )
         values.update(overrides)
         return cls(**values)
+
+
+def git_alternates(workspace: Path) -> list[Path]:
+    """Object directories a workspace borrows through .git/objects/info/alternates (`--shared`)."""
+    objects = workspace / ".git" / "objects"
+    try:
+        lines = (objects / "info" / "alternates").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            path = (objects / line).resolve() if not line.startswith("/") else Path(line).resolve()
+            if path.is_dir():
+                found.append(path)
+    return found
 
 
 class Outcome(str, Enum):
@@ -122,6 +148,28 @@ class SandboxJob(BaseModel):
     agent: SandboxSpec
     setup: SandboxSpec | None = None
     max_patch_bytes: int = 5 * 1024 * 1024
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: SandboxPolicy,
+        workspace: Path,
+        base_sha: str,
+        argv: list[str],
+        *,
+        max_patch_bytes: int = 5 * 1024 * 1024,
+        **agent_overrides,
+    ) -> "SandboxJob":
+        """Agent step from the policy; setup step (if `setup_command`) under the same limits with
+        `setup_allow_domains` added to the allowlist, and without the agent's secrets."""
+        agent = SandboxSpec.from_policy(policy, workspace, argv, **agent_overrides)
+        setup = None
+        if policy.setup_command.strip():
+            domains = list(dict.fromkeys([*policy.allow_domains, *policy.setup_allow_domains]))
+            setup = SandboxSpec.from_policy(
+                policy, workspace, ["/bin/sh", "-c", policy.setup_command], allow_domains=domains, secrets=[]
+            )
+        return cls(base_sha=base_sha, agent=agent, setup=setup, max_patch_bytes=max_patch_bytes)
 
 
 class SandboxJobResult(BaseModel):
