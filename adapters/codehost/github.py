@@ -15,6 +15,7 @@ with a message naming the repository and the permission that is missing.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -98,8 +99,9 @@ def _load_private_key(value: str) -> str:
 class _Credentials:
     """Hands out an authenticated PyGithub client and the matching git token for a repository."""
 
-    def __init__(self, cfg: GitHubSettings):
+    def __init__(self, cfg: GitHubSettings, pacing: tuple[float, float]):
         self.cfg = cfg
+        self.pacing = pacing
         self.api_url = cfg.api_url.rstrip("/")
         self.is_app = bool(cfg.app_id and cfg.app_private_key)
         if not self.is_app and not cfg.token:
@@ -116,7 +118,8 @@ class _Credentials:
     def _client(self, token: str) -> Github:
         # retry=None: we classify failures ourselves instead of sleeping inside the HTTP library.
         return Github(auth=Auth.Token(token), base_url=self.api_url, timeout=30, retry=None, per_page=100,
-                      user_agent="Conveyor", lazy=True)
+                      user_agent="Conveyor", lazy=True, seconds_between_requests=self.pacing[0],
+                      seconds_between_writes=self.pacing[1])
 
     def _app(self) -> GithubIntegration:
         if self._integration is None:
@@ -195,9 +198,19 @@ class GitHubCodeHost:
     name = "github"
 
     def __init__(self, settings: Settings, github: GitHubSettings | None = None, *, max_inline_wait_s: float = 5.0,
-                 inline_retries: int = 2):
+                 inline_retries: int = 2, pacing: tuple[float, float] | None = None):
+        """`pacing` = (seconds between requests, seconds between writes): GitHub's advice against
+        secondary rate limits (PyGithub's defaults). Tests against the emulator pass (0, 0)."""
         self.settings = settings
-        self._creds = _Credentials(github or settings.github())
+        if pacing is None:
+            raw = os.environ.get("CONVEYOR_GITHUB_PACING", "0.25,1.0")
+            try:
+                first, second = (float(x) for x in raw.split(","))
+            except ValueError:
+                raise CodeHostError(f"CONVEYOR_GITHUB_PACING must be 'SECONDS_BETWEEN_REQUESTS,SECONDS_BETWEEN_WRITES', not {raw!r}",
+                                    retryable=False) from None
+            pacing = (first, second)
+        self._creds = _Credentials(github or settings.github(), pacing)
         self.max_inline_wait_s = max_inline_wait_s
         self.inline_retries = inline_retries
         self._mirrors: dict[str, GitMirror] = {}

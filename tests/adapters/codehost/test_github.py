@@ -44,7 +44,7 @@ class World:
         self.settings = Settings(home=tmp / "home")
         self.policy = RepoPolicy(name="widgets", url=emu.repo_url("acme", "widgets"), host="github",
                                  **policy)  # type: ignore[arg-type]
-        self.host = GitHubCodeHost(self.settings, GitHubSettings(token=TOKEN, api_url=emu.api_url))
+        self.host = GitHubCodeHost(self.settings, GitHubSettings(token=TOKEN, api_url=emu.api_url), pacing=(0, 0))
 
     def request(self, files: dict[str, str], task_id: str = "t-1", transcript: str = "") -> PublishRequest:
         patch = make_patch(self.bare, self.base_sha, files, self.tmp)
@@ -264,14 +264,14 @@ def test_retryable_and_permanent_errors(world: World) -> None:
     assert info.value.retryable
 
     emu.add_token("readonly", permission="read")
-    ro = GitHubCodeHost(world.settings, GitHubSettings(token="readonly", api_url=emu.api_url))
+    ro = GitHubCodeHost(world.settings, GitHubSettings(token="readonly", api_url=emu.api_url), pacing=(0, 0))
     change = ChangeRequest(number=1, branch="b", head_sha="0" * 40, base="main")
     emu._create_pull(emu.repos[("acme", "widgets")], "x", "t", "", "main", "main")
     with pytest.raises(CodeHostError, match=r"acme/widgets.*403.*Pull requests: write") as info:
         ro.comment(policy, change, "hi")
     assert not info.value.retryable
 
-    bad = GitHubCodeHost(world.settings, GitHubSettings(token="wrong", api_url=emu.api_url))
+    bad = GitHubCodeHost(world.settings, GitHubSettings(token="wrong", api_url=emu.api_url), pacing=(0, 0))
     with pytest.raises(CodeHostError, match="401.*GITHUB_TOKEN") as info:
         bad.resolve_base(policy, "main")
     assert not info.value.retryable
@@ -291,7 +291,7 @@ def test_token_never_leaks(world: World, tmp_path: Path, caplog: pytest.LogCaptu
     assert emu.git_auth and set(emu.git_auth) == {"x-access-token"}  # git did authenticate, with the token
 
     errors = []
-    bad = GitHubCodeHost(world.settings, GitHubSettings(token=TOKEN + "-revoked", api_url=emu.api_url))
+    bad = GitHubCodeHost(world.settings, GitHubSettings(token=TOKEN + "-revoked", api_url=emu.api_url), pacing=(0, 0))
     for call in (lambda: bad.resolve_base(policy, "main"), lambda: bad.checkout(policy, "f" * 40, tmp_path / "c2")):
         with pytest.raises(CodeHostError) as info:
             call()
@@ -318,3 +318,53 @@ def test_transcript_comment_fits() -> None:
     assert body.startswith("<!-- conveyor:transcript -->\n<details>") and body.rstrip().endswith("</details>")
     assert "line 0 " in body and "line 4999 " in body
     assert "````text" in body  # fence longer than any backtick run inside
+
+
+def test_github_app_installation_tokens(github_emulator: GitHubEmulator, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    emu = github_emulator
+    emu.configure_app("4242", public)
+    bare, base_sha = make_bare_repo(tmp_path, "widgets", {"a.txt": "a\n"})
+    emu.add_repo("acme", "widgets", bare, installation_id=7)
+    key_file = tmp_path / "app.pem"
+    key_file.write_text(pem)
+    settings = Settings(home=tmp_path / "home")
+    host = GitHubCodeHost(settings, GitHubSettings(app_id="4242", app_private_key=str(key_file), api_url=emu.api_url),
+                          pacing=(0, 0))
+    policy = RepoPolicy(name="w", url=emu.repo_url("acme", "widgets"), host="github")
+
+    assert host.resolve_base(policy, "main") == base_sha
+    assert emu.tokens_issued == 1
+    host.checkout(policy, base_sha, tmp_path / "ws")  # git authenticates with the installation token
+    assert host.resolve_base(policy, "main") == base_sha
+    assert emu.tokens_issued == 1  # cached while valid
+
+    emu.expire_installation_tokens()  # GitHub now answers 401 to the cached token: refreshed once
+    assert host.resolve_base(policy, "main") == base_sha
+    assert emu.tokens_issued == 2
+
+    emu.installation_token_ttl = 60  # a token close to expiry is replaced before use
+    emu.expire_installation_tokens()
+    host.resolve_base(policy, "main")
+    host.resolve_base(policy, "main")
+    assert emu.tokens_issued == 4
+
+    # the App is not installed on this repository: a clear, permanent error
+    bare2, _ = make_bare_repo(tmp_path, "other", {"b.txt": "b\n"})
+    emu.add_repo("acme", "other", bare2, installation_id=None)
+    other = policy.model_copy(update={"url": emu.repo_url("acme", "other")})
+    with pytest.raises(CodeHostError, match=r"404.*acme/other.*App must be installed") as info:
+        host.resolve_base(other, "main")
+    assert not info.value.retryable
+
+    wrong = GitHubCodeHost(settings, GitHubSettings(app_id="999", app_private_key=pem, api_url=emu.api_url), pacing=(0, 0))
+    with pytest.raises(CodeHostError, match="401.*GITHUB_APP_ID") as info:
+        wrong.resolve_base(policy, "main")
+    assert not info.value.retryable
