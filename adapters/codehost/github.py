@@ -160,6 +160,21 @@ class _Credentials:
         return [s for s in [self.cfg.token, *(t[0] for t in self._tokens.values())] if s]
 
 
+_CREDENTIALS: dict[tuple[str, ...], _Credentials] = {}
+_CREDENTIALS_LOCK = threading.Lock()
+
+
+def _shared_credentials(cfg: GitHubSettings, pacing: tuple[float, float]) -> _Credentials:
+    """One credential cache per identity in the worker process: activities build a code host per
+    call, and installation tokens should be reused across them until they near expiry."""
+    key = (cfg.api_url, cfg.token, cfg.app_id, cfg.app_private_key, repr(pacing))
+    with _CREDENTIALS_LOCK:
+        creds = _CREDENTIALS.get(key)
+        if creds is None:
+            creds = _CREDENTIALS[key] = _Credentials(cfg, pacing)
+        return creds
+
+
 def _message(exc: GithubException) -> str:
     data = exc.data if isinstance(exc.data, dict) else {}
     msg = str(data.get("message") or exc.message or "")
@@ -210,7 +225,7 @@ class GitHubCodeHost:
                 raise CodeHostError(f"CONVEYOR_GITHUB_PACING must be 'SECONDS_BETWEEN_REQUESTS,SECONDS_BETWEEN_WRITES', not {raw!r}",
                                     retryable=False) from None
             pacing = (first, second)
-        self._creds = _Credentials(github or settings.github(), pacing)
+        self._creds = _shared_credentials(github or settings.github(), pacing)
         self.max_inline_wait_s = max_inline_wait_s
         self.inline_retries = inline_retries
         self._mirrors: dict[str, GitMirror] = {}
