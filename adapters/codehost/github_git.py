@@ -201,29 +201,38 @@ class GitMirror:
     def checkout(self, sha: str, dest: Path) -> None:
         """Make `dest` a standalone git working tree at `sha` with no remote and no credential.
 
-        A warm `dest` (from an earlier task) is reused: only changed files are rewritten. Its .git
-        may have been touched by an untrusted run, so its config and hooks are replaced first, and
-        every git command here runs with hooks and fsmonitor disabled."""
-        dest = dest.resolve()
+        A warm `dest` (left by an earlier task) is reused so that only changed files are rewritten,
+        but nothing in its .git is trusted: an untrusted run could have planted hooks, config
+        (core.fsmonitor...), a forged index or poisoned loose objects. So .git is replaced by a
+        fresh copy of the trusted mirror (objects copied, never hardlinked or shared through
+        alternates), the index is rebuilt from the trusted tree and refreshed by hashing the
+        files (reads, not writes), and only files that differ are written."""
+        dest = Path(dest).resolve()
         gitdir = dest / ".git"
-        if gitdir.is_dir() and (gitdir / "HEAD").exists():
-            (gitdir / "config").write_text(_SANDBOX_GIT_CONFIG)
-            for junk in ("hooks", "info/attributes", "objects/info/alternates", "commondir", "index.lock"):
-                target = gitdir / junk
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
-        else:
-            if dest.exists() and any(dest.iterdir()):
-                raise CodeHostError(f"checkout destination {dest} exists, is not empty and is not a git tree", retryable=False)
-            dest.mkdir(parents=True, exist_ok=True)
-            self.git("init", "-q", str(dest), cwd=dest)
-            (gitdir / "config").write_text(_SANDBOX_GIT_CONFIG)
-            shutil.rmtree(gitdir / "hooks", ignore_errors=True)
-        # Objects are copied from the mirror (a local fetch), never hardlinked or borrowed through
-        # alternates: the sandbox may write to its tree and must not reach the trusted mirror.
-        self.git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", str(self.path), sha, cwd=dest,
-                 what="copying objects into the checkout")
-        self.git("checkout", "--quiet", "--force", "--detach", sha, cwd=dest, what="git checkout")
+        warm = gitdir.exists() or gitdir.is_symlink()
+        if gitdir.is_symlink() or gitdir.is_file():
+            gitdir.unlink()
+        elif gitdir.is_dir():
+            shutil.rmtree(gitdir)
+        if not warm and dest.exists() and any(dest.iterdir()):
+            raise CodeHostError(f"checkout destination {dest} exists, is not empty and is not a git tree", retryable=False)
+        dest.mkdir(parents=True, exist_ok=True)
+        self.git("clone", "--quiet", "--bare", "--local", "--no-hardlinks", str(self.path), str(gitdir), cwd=dest,
+                 what="copying the repository into the checkout")
+        (gitdir / "config").write_text(_SANDBOX_GIT_CONFIG)
+        for junk in ("hooks", "packed-refs", "refs", "FETCH_HEAD", "description"):
+            target = gitdir / junk
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        for sub in ("refs/heads", "refs/tags"):
+            (gitdir / sub).mkdir(parents=True)
+        if not self.has(sha):
+            raise CodeHostError(f"commit {sha} is not in the mirror of {self.clone_url}", retryable=False)
+        (gitdir / "HEAD").write_text(sha + "\n")
+        self.git("read-tree", sha, cwd=dest)
+        if warm:
+            self.git("update-index", "-q", "--refresh", cwd=dest, check=False)  # exit 1 = some files differ
+        self.git("reset", "--quiet", "--hard", sha, cwd=dest, what="git checkout")
         self.git("clean", "-qffdx", cwd=dest)

@@ -101,11 +101,26 @@ def test_read_side(world: World, tmp_path: Path) -> None:
     (dest / ".git/hooks").mkdir(exist_ok=True)
     (dest / ".git/hooks/post-checkout").write_text("#!/bin/sh\ntouch /tmp/pwned-by-hook\n")
     (dest / ".git/hooks/post-checkout").chmod(0o755)
+    readme_inode = (dest / "README.md").stat().st_ino
     host.checkout(policy, new_sha, dest)
     assert (dest / "src/app.py").read_text() == "x = 2\n"
     assert not (dest / "junk.txt").exists()
     assert not (dest / ".git/hooks").exists()
+    assert (dest / "README.md").stat().st_ino == readme_inode  # unchanged files are not rewritten
+    assert git(dest, "status", "--porcelain") == "" and git(dest, "rev-parse", "HEAD") == new_sha
     assert host.recent_commits(policy, new_sha, 1)[0].subject == "second"
+
+    # the last run tampered with a file AND forged the index so the change looks clean
+    target = dest / "src/app.py"
+    before = target.stat()
+    target.write_text("x = 9\n")  # same size
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    git(dest, "update-index", "--skip-worktree", "src/app.py")
+    assert git(dest, "status", "--porcelain") == ""  # git itself now believes the file is clean
+    (dest / ".git/config").write_text("[core]\n\tfsmonitor = touch /tmp/pwned-by-fsmonitor\n")
+    host.checkout(policy, new_sha, dest)
+    assert target.read_text() == "x = 2\n"
+    assert "fsmonitor" not in (dest / ".git/config").read_text()
 
 
 def test_publish_checks_merge(world: World) -> None:
