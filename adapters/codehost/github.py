@@ -468,7 +468,7 @@ class GitHubCodeHost:
 
         def look(m: GitMirror) -> str | None:
             out = m.git("ls-remote", m.clone_url, f"refs/heads/{branch}", token=self._git_token(ref),
-                        what="git ls-remote").stdout.decode().split()
+                        what="git ls-remote", need="Contents: read").stdout.decode().split()
             if not out:
                 return None
             if not m.has(out[0]):

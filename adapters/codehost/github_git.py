@@ -80,7 +80,8 @@ class GitMirror:
         return env
 
     def git(self, *args: str, cwd: Path | None = None, token: str | None = None, input: bytes | None = None,
-            extra_env: dict[str, str] | None = None, check: bool = True, what: str = "") -> subprocess.CompletedProcess[bytes]:
+            extra_env: dict[str, str] | None = None, check: bool = True, what: str = "",
+            need: str = "") -> subprocess.CompletedProcess[bytes]:
         """Run git; on failure raise CodeHostError with stderr (redacted) and a retryable guess."""
         cmd = ["git", *args] if cwd is not None else ["git", "--git-dir", str(self.path), *args]
         proc = subprocess.run(cmd, cwd=cwd, input=input, capture_output=True, env=self._env(token, extra_env))
@@ -94,7 +95,11 @@ class GitMirror:
                                                       "not found", "could not read username", "403", "401",
                                                       "does not apply", "patch failed", "corrupt patch"))
             verb = what or f"git {args[0]}"
-            raise CodeHostError(f"{verb} failed for {self.url_scope.rstrip('/')}{urllib.parse.urlsplit(self.clone_url).path}: {err}", retryable=retryable)
+            repo = f"{self.url_scope.rstrip('/')}{urllib.parse.urlsplit(self.clone_url).path}"
+            hint = ""
+            if need and any(s in lowered for s in ("401", "403", "authentication failed", "permission to", "denied")):
+                hint = f" (the token or App installation needs {need} on this repository)"
+            raise CodeHostError(f"{verb} failed for {repo}: {err}{hint}", retryable=retryable)
         return proc
 
     @contextmanager
@@ -126,7 +131,7 @@ class GitMirror:
         with self.locked():
             self._ensure()
             self.git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self.clone_url, *refspecs,
-                     token=self._token_source(), what="git fetch")
+                     token=self._token_source(), what="git fetch", need="Contents: read")
 
     def ensure_commit(self, sha: str, branch_hint: str | None = None) -> None:
         if self.has(sha):
@@ -147,7 +152,7 @@ class GitMirror:
         lease = f"--force-with-lease=refs/heads/{branch}:{expect or ''}"
         with self.locked():
             self.git("push", "--quiet", "--no-verify", lease, self.clone_url, f"{sha}:refs/heads/{branch}",
-                     token=self._token_source(), what=f"git push to {branch}")
+                     token=self._token_source(), what=f"git push to {branch}", need="Contents: write")
 
     def rev(self, expr: str) -> str | None:
         proc = self.git("rev-parse", "--verify", "-q", expr, check=False)

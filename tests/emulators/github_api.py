@@ -315,7 +315,10 @@ class GitHubEmulator:
         head_sha = self._pull_head_sha(repo, pr)
         mergeable, mergeable_state = self._mergeable(repo, pr)
         base_sha = self._commit_sha(repo, f"refs/heads/{pr.base}") or ""
+        since = pr.pre_merge_base or base_sha
+        commits = int(_git(repo.path, "rev-list", "--count", f"{since}..{head_sha}", check=False).stdout.decode().strip() or 0)
         return {
+            "commits": commits,
             "id": pr.id, "node_id": f"PR_{repo.id}_{pr.number}", "number": pr.number, "state": pr.state,
             "title": pr.title, "body": pr.body, "draft": pr.draft, "user": self._user(pr.user),
             "url": f"{api}/pulls/{pr.number}", "html_url": f"{self.web_url}/{full}/pull/{pr.number}",

@@ -383,3 +383,43 @@ def test_github_app_installation_tokens(github_emulator: GitHubEmulator, tmp_pat
     with pytest.raises(CodeHostError, match="401.*GITHUB_APP_ID") as info:
         wrong.resolve_base(policy, "main")
     assert not info.value.retryable
+
+
+def test_push_without_write_permission_is_clear(world: World) -> None:
+    world.emu.add_token("ro-token", permission="read")
+    ro = GitHubCodeHost(world.settings, GitHubSettings(token="ro-token", api_url=world.emu.api_url), pacing=(0, 0))
+    with pytest.raises(CodeHostError, match=r"(?s)git push to conveyor/t-1-fix-it failed for .*acme/widgets.*403.*Contents: write") as info:
+        ro.publish(world.policy, world.request({"src/app.py": "x = 5\n"}))
+    assert not info.value.retryable
+    assert "ro-token" not in str(info.value)
+    assert world.emu.branch_sha("acme", "widgets", "conveyor/t-1-fix-it") is None
+
+
+def test_revert_that_conflicts_is_a_clear_permanent_error(world: World, tmp_path: Path) -> None:
+    host, policy, emu = world.host, world.policy.model_copy(update={"required_checks": []}), world.emu
+    emu.graphql_revert = False
+    change = host.publish(policy, world.request({"src/app.py": "x = 42\n"}))
+    merged = host.merge(policy, change, change.head_sha, "Fix it (#1)")
+    push_commit(world.bare, "main", {"src/app.py": "x = 43\n"}, "later edit of the same line", tmp_path)
+    with pytest.raises(CodeHostError, match="conflicts with later changes") as info:
+        host.revert(policy, "main", merged.merge_sha, "Revert", "t-1", emergency=True)
+    assert not info.value.retryable
+    assert git(world.bare, "show", "main:src/app.py") == "x = 43"
+
+
+def test_rebase_merge_and_its_revert_without_graphql(world: World) -> None:
+    host, emu = world.host, world.emu
+    policy = world.policy.model_copy(update={"required_checks": [], "merge_method": "rebase"})
+    emu.graphql_revert = False
+    first = host.publish(policy, world.request({"src/app.py": "x = 42\n"}))
+    follow = world.request({}).model_copy(update={
+        "base_sha": first.head_sha, "commit_message": "Second step",
+        "patch": make_patch(world.bare, first.head_sha, {"src/extra.py": "y = 2\n"}, world.tmp)})
+    second = host.publish(policy, follow)
+    merged = host.merge(policy, second, second.head_sha, "Fix it")
+    assert merged.outcome == "merged"
+    assert git(world.bare, "rev-list", "--count", "main") == "3"  # two commits replayed, no merge commit
+    result = host.revert(policy, "main", merged.merge_sha, "Revert fix it", "t-9", emergency=True)
+    assert result.revert_sha and not result.pending_review
+    assert git(world.bare, "show", "main:src/app.py") == "x = 1"
+    assert "src/extra.py" not in git(world.bare, "ls-tree", "-r", "--name-only", "main")
