@@ -73,7 +73,7 @@ class GitMirror:
         for i, (key, value) in enumerate(config):
             env[f"GIT_CONFIG_KEY_{i}"] = key
             env[f"GIT_CONFIG_VALUE_{i}"] = value
-        env.update(GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="/bin/false", GIT_CONFIG_NOSYSTEM="1",
+        env.update(GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="/bin/false", GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull,
                    GIT_AUTHOR_NAME=self._bot_name, GIT_AUTHOR_EMAIL=self._bot_email,
                    GIT_COMMITTER_NAME=self._bot_name, GIT_COMMITTER_EMAIL=self._bot_email)
         env.update(extra or {})
