@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 from temporalio.client import Client
 
+from adapters.codehost.base import CodeHostError
 from conveyor.config import ConfigError, ConveyorConfig, RepoPolicy, Settings, load_config
 from conveyor.models import MAX_TASK_CHARS, Decision, Identity, Origin, TaskRequest
 from triggers import service
@@ -111,6 +112,9 @@ class GitHubWebhooks:
         except service.Unavailable as exc:
             # Not remembered: GitHub's "Redeliver" (or its retry) can try again later.
             return web.json_response({"error": str(exc)}, status=503)
+        except CodeHostError as exc:  # reading the pull request for an /agent comment
+            log.warning("github webhook %s %s: %s", event, delivery, exc)
+            return web.json_response({"error": str(exc)}, status=503 if exc.retryable else 502)
         self._seen[delivery] = result
         while len(self._seen) > self._remember:
             self._seen.popitem(last=False)

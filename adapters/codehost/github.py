@@ -313,10 +313,22 @@ class GitHubCodeHost:
         try:
             return fn(self._mirror(ref))
         except CodeHostError as exc:
-            if self._creds.is_app and ("401" in str(exc) or "authentication failed" in str(exc).lower()):
+            text = str(exc).lower()
+            if self._creds.is_app and any(s in text for s in ("401", "authentication failed", "could not read username")):
                 self._creds.invalidate(ref)
                 return fn(self._mirror(ref))
             raise
+
+    def _pull(self, ref: RepoRef, number: int, permission: str = PERM_WRITE_PR) -> PullRequest:
+        """A fully loaded pull request. (PyGithub objects are lazy: loading inside `_call` keeps
+        every HTTP error classified, and list results lack fields such as `merged`.)"""
+
+        def load(r: Repository) -> PullRequest:
+            pr = r.get_pull(number)
+            _ = pr.raw_data  # completes the object now
+            return pr
+
+        return self._call(ref, f"read pull request #{number}", permission, load)
 
     def _find_open_pull(self, ref: RepoRef, branch: str, base: str | None = None) -> PullRequest | None:
         def find(r: Repository) -> PullRequest | None:
@@ -509,7 +521,7 @@ class GitHubCodeHost:
         if change.number is None:
             raise CodeHostError(f"change on {change.branch} has no pull request number", retryable=False)
         number = change.number
-        pr = self._call(ref, f"read pull request #{number}", PERM_WRITE_PR, lambda r: r.get_pull(number))
+        pr = self._pull(ref, number)
         merged = self._merged_result(ref, pr, approved_head)
         if merged is not None:
             return merged
@@ -529,7 +541,7 @@ class GitHubCodeHost:
             if exc.status == 409:
                 return MergeResult(outcome="head_moved", detail=f"GitHub: {reason}; review the new commits")
             # A retried merge whose first attempt landed also gets 405: look before concluding.
-            fresh = self._call(ref, f"read pull request #{number}", PERM_WRITE_PR, lambda r: r.get_pull(number))
+            fresh = self._pull(ref, number)
             merged = self._merged_result(ref, fresh, approved_head)
             if merged is not None:
                 return merged
@@ -563,7 +575,7 @@ class GitHubCodeHost:
         if change.number is None:
             return
         number = change.number
-        pr = self._call(ref, f"read pull request #{number}", PERM_WRITE_PR, lambda r: r.get_pull(number))
+        pr = self._pull(ref, number)
         if pr.state != "open":
             return
         if reason.strip():
@@ -589,6 +601,7 @@ class GitHubCodeHost:
         body = f"{body.strip()}\n\n{marker}".strip()
         existing = self._find_revert(ref, base, marker)
         if existing is not None:
+            existing = self._pull(ref, existing.number)
             if existing.merged:
                 return RevertResult(revert_sha=existing.merge_commit_sha or "", url=existing.html_url, already=True)
             if existing.state == "open":
@@ -615,13 +628,14 @@ class GitHubCodeHost:
         return self._call(ref, "look for an earlier revert", PERM_WRITE_PR, find)
 
     def _pull_for_merge(self, ref: RepoRef, merge_sha: str) -> PullRequest | None:
-        def find(r: Repository) -> PullRequest | None:
+        def find(r: Repository) -> int | None:
             for pr in r.get_commit(merge_sha).get_pulls():
                 if pr.merge_commit_sha == merge_sha:
-                    return pr
+                    return pr.number
             return None
 
-        return self._call(ref, f"find the pull request merged as {merge_sha[:12]}", PERM_READ, find)
+        number = self._call(ref, f"find the pull request merged as {merge_sha[:12]}", PERM_READ, find)
+        return None if number is None else self._pull(ref, number, PERM_READ)
 
     def _graphql_revert(self, ref: RepoRef, original: PullRequest, title: str, body: str) -> PullRequest | None:
         """GitHub's own revertPullRequest; None when this server does not have the mutation."""
@@ -649,7 +663,7 @@ class GitHubCodeHost:
         if result is None:
             return None
         number = int(result["number"])
-        return self._call(ref, f"read pull request #{number}", PERM_WRITE_PR, lambda r: r.get_pull(number))
+        return self._pull(ref, number)
 
     def _branch_revert(self, ref: RepoRef, repo: RepoPolicy, base: str, merge_sha: str,
                        original: PullRequest | None, title: str, body: str, task_id: str) -> PullRequest:
@@ -693,7 +707,7 @@ class GitHubCodeHost:
     def pull_branch(self, repo: RepoPolicy, number: int) -> tuple[str, str]:
         """(head branch, base branch) of pull request `number`."""
         ref = self._ref(repo)
-        pr = self._call(ref, f"read pull request #{number}", PERM_READ, lambda r: r.get_pull(number))
+        pr = self._pull(ref, number, PERM_READ)
         return pr.head.ref, pr.base.ref
 
 

@@ -309,7 +309,8 @@ class GitHubEmulator:
                 latest[check.name] = check
         return latest
 
-    def _pull_json(self, repo: Repo, pr: Pull) -> dict[str, Any]:
+    def _pull_json(self, repo: Repo, pr: Pull, full: bool = True) -> dict[str, Any]:
+        """`full=False` is the shape of list endpoints: no merged/mergeable/commits, like GitHub."""
         full = f"{repo.owner}/{repo.name}"
         api = f"{self.api_url}/repos/{full}"
         head_sha = self._pull_head_sha(repo, pr)
@@ -317,7 +318,7 @@ class GitHubEmulator:
         base_sha = self._commit_sha(repo, f"refs/heads/{pr.base}") or ""
         since = pr.pre_merge_base or base_sha
         commits = int(_git(repo.path, "rev-list", "--count", f"{since}..{head_sha}", check=False).stdout.decode().strip() or 0)
-        return {
+        out = {
             "commits": commits,
             "id": pr.id, "node_id": f"PR_{repo.id}_{pr.number}", "number": pr.number, "state": pr.state,
             "title": pr.title, "body": pr.body, "draft": pr.draft, "user": self._user(pr.user),
@@ -333,7 +334,12 @@ class GitHubEmulator:
             "requested_reviewers": [self._user(u) for u in pr.reviewers],
             "requested_teams": [{"slug": t, "name": t, "id": next(self._ids)} for t in pr.team_reviewers],
             "created_at": _iso(pr.created), "updated_at": _iso(),
+            "merged_at": _iso(pr.created) if pr.merged else None,
         }
+        if not full:
+            for key in ("merged", "mergeable", "mergeable_state", "commits"):
+                out.pop(key)
+        return out
 
     def _label_json(self, repo: Repo, name: str) -> dict[str, Any]:
         return {"id": int(hashlib.sha256(name.encode()).hexdigest()[:6], 16), "name": name, "color": "ededed",
@@ -734,7 +740,7 @@ def _route(emu: GitHubEmulator, method: str, path: str, query: dict[str, list[st
     if (mm := re.fullmatch(r"/commits/([^/]+)/pulls", rest)) and method == "GET":
         sha = emu._commit_sha(repo, mm[1]) or mm[1]
         found = [p for p in repo.pulls.values() if p.merge_commit_sha == sha or emu._pull_head_sha(repo, p) == sha]
-        return 200, [emu._pull_json(repo, p) for p in found]
+        return 200, [emu._pull_json(repo, p, full=False) for p in found]
 
     if (mm := re.fullmatch(r"/commits/([^/]+)", rest)) and method == "GET":
         sha = emu._commit_sha(repo, mm[1])
@@ -749,7 +755,7 @@ def _route(emu: GitHubEmulator, method: str, path: str, query: dict[str, list[st
         out = [p for p in sorted(repo.pulls.values(), key=lambda p: -p.number)
                if (state == "all" or p.state == state) and (head_ref is None or p.head == head_ref)
                and (not q.get("base") or p.base == q["base"])]
-        return 200, [emu._pull_json(repo, p) for p in out]
+        return 200, [emu._pull_json(repo, p, full=False) for p in out]
 
     if rest == "/pulls" and method == "POST":
         _need_write(auth, repo, "create a pull request")

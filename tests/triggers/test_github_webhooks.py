@@ -155,6 +155,14 @@ async def test_issue_label_signature_and_redelivery(client: Client, settings: Se
         status, body = await hooks.post("status", {"sha": "b" * 40, "state": "failure", "context": "lint",
                                                    "branches": [{"name": "main"}], "repository": repository()})
         assert body["result"] == "ignored"
+        # a commit status on the same branch (GitHub lists the branches whose head is the sha)
+        task2 = (await hooks.post("issues", payload, delivery="d-3"))[1]["task_id"]
+        status, body = await hooks.post("status", {"sha": "d" * 40, "state": "failure", "context": "lint",
+                                                   "branches": [{"name": f"conveyor/{task2}-x"}, {"name": "main"}],
+                                                   "repository": repository()})
+        assert body == {"result": "signalled", "task_ids": [task2]}
+        data = await hooks.probe(task2, until=lambda p: p["signals"])
+        assert data["signals"][0]["reason"] == "status lint: failure"
     await server.close()
 
 
@@ -211,6 +219,8 @@ async def test_agent_comment_on_conveyor_pr_is_a_follow_up(client: Client, setti
 
         status, body = await hooks.post("issue_comment", {**payload, "issue": {**payload["issue"], "number": 2}})
         assert body["result"] == "ignored" and "not a Conveyor pull request" in body["detail"]
+        status, body = await hooks.post("issue_comment", {**payload, "issue": {**payload["issue"], "number": 99}})
+        assert status == 502 and "404" in body["error"] and "acme/widgets" in body["error"]
         status, body = await hooks.post("issue_comment", {**payload, "comment": {"body": "looks good"}})
         assert body["result"] == "ignored"
         status, body = await hooks.post("issue_comment", {**payload, "sender": {"login": "ci-bot", "type": "Bot"}})

@@ -364,12 +364,21 @@ def test_github_app_installation_tokens(github_emulator: GitHubEmulator, tmp_pat
     emu.expire_installation_tokens()  # GitHub now answers 401 to the cached token: refreshed once
     assert host.resolve_base(policy, "main") == base_sha
     assert emu.tokens_issued == 2
+    assert set(emu.git_auth) == {"x-access-token"}
+
+    # git over HTTPS with a token GitHub stopped accepting: refreshed once, then the fetch works
+    new_sha = push_commit(bare, "main", {"a.txt": "b\n"}, "second", tmp_path)
+    emu.expire_installation_tokens()
+    host.checkout(policy, new_sha, tmp_path / "ws")
+    assert (tmp_path / "ws" / "a.txt").read_text() == "b\n"
+    assert emu.tokens_issued == 3
+    assert host.resolve_base(policy, "main") == new_sha and emu.tokens_issued == 3
 
     emu.installation_token_ttl = 60  # a token close to expiry is replaced before use
     emu.expire_installation_tokens()
     host.resolve_base(policy, "main")
     host.resolve_base(policy, "main")
-    assert emu.tokens_issued == 4
+    assert emu.tokens_issued == 5
 
     # the App is not installed on this repository: a clear, permanent error
     bare2, _ = make_bare_repo(tmp_path, "other", {"b.txt": "b\n"})
