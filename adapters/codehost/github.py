@@ -449,15 +449,21 @@ class GitHubCodeHost:
         branch = request.branch
         self._git(ref, lambda m: m.ensure_commit(request.base_sha, branch_hint=request.base))
         remote = self._remote_branch(ref, branch)
-        new_sha, tree = mirror.commit_patch(request.base_sha, request.patch, request.commit_message)
-        if remote is None:
-            self._git(ref, lambda m: m.push(new_sha, branch, expect=""))
-            head = new_sha
-        elif mirror.rev(f"{remote}^{{tree}}") == tree and mirror.rev(f"{remote}^") == request.base_sha:
+        # Where the commit goes: on base_sha for a new branch; replacing our own earlier attempt
+        # (a retried publish or a re-run of this task); on top of the branch head for a follow-up
+        # task on an existing Conveyor branch (its patch was made against that head), including
+        # when base_sha names that head explicitly.
+        parent = request.base_sha
+        ours = False
+        if remote is not None and remote != request.base_sha:
+            remote_message = mirror.git("log", "-1", "--format=%B", remote).stdout.decode(errors="replace")
+            ours = re.search(rf"^Conveyor-Task: {re.escape(request.task_id)}\s*$", remote_message, re.M) is not None
+            parent = (mirror.rev(f"{remote}^") or request.base_sha) if ours else remote
+        new_sha, tree = mirror.commit_patch(parent, request.patch, request.commit_message)
+        if remote is not None and ours and mirror.rev(f"{remote}^{{tree}}") == tree:
             head = remote  # a retried publish: the same change is already there
         else:
-            # Follow-up on the branch (base_sha is its head) or a re-run replacing an earlier attempt.
-            self._git(ref, lambda m: m.push(new_sha, branch, expect=remote))
+            self._git(ref, lambda m: m.push(new_sha, branch, expect=remote or ""))
             head = new_sha
         pr = self._find_open_pull(ref, branch, request.base)
         if pr is None:
@@ -471,7 +477,7 @@ class GitHubCodeHost:
         self._request_reviewers(ref, pr, _dedupe([*repo.reviewers, *request.reviewers]))
         if request.transcript_text:
             self._archive_transcript(ref, pr, request.transcript_text)
-        files, added, removed = mirror.numstat(request.base_sha, head)
+        files, added, removed = mirror.numstat(parent, head)
         return ChangeRequest(number=pr.number, branch=branch, head_sha=head, base=request.base, url=pr.html_url,
                              files_changed=files, lines_added=added, lines_removed=removed)
 

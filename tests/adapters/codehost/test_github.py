@@ -204,14 +204,28 @@ def test_required_checks_block_merge_on_the_server(github_emulator: GitHubEmulat
 
 
 def test_follow_up_publish_fast_forwards(world: World, tmp_path: Path) -> None:
-    host, policy = world.host, world.policy
+    host, policy, emu = world.host, world.policy, world.emu
     first = host.publish(policy, world.request({"src/app.py": "x = 42\n"}))
-    follow = PublishRequest(**{**world.request({}).model_dump(), "base_sha": first.head_sha,
-                               "patch": make_patch(world.bare, first.head_sha, {"src/more.py": "y = 1\n"}, tmp_path),
-                               "commit_message": "Follow up"})
+    # a follow-up task on the same branch: its agent ran on the branch head, base_sha is still main's
+    patch = make_patch(world.bare, first.head_sha, {"src/more.py": "y = 1\n"}, tmp_path)
+    follow = world.request({}).model_copy(update={
+        "task_id": "t-2", "branch": first.branch, "patch": patch,
+        "commit_message": "Follow up\n\nConveyor-Task: t-2\n"})
     second = host.publish(policy, follow)
-    assert second.number == first.number
+    assert second.number == first.number and second.files_changed == 1
     assert git(world.bare, "rev-parse", f"{second.head_sha}^") == first.head_sha
+    assert git(world.bare, "show", f"{second.head_sha}:src/app.py") == "x = 42"
+    # retried follow-up: same head, no new commit
+    assert host.publish(policy, follow).head_sha == second.head_sha
+    # a re-run of the first task replaces only its own commit attempt, never someone else's
+    rerun = world.request({"src/app.py": "x = 43\n"})
+    emu_branch = emu.branch_sha("acme", "widgets", first.branch)
+    assert emu_branch == second.head_sha
+    third = host.publish(policy, rerun.model_copy(update={"task_id": "t-3",
+                                                          "commit_message": "Third\n\nConveyor-Task: t-3\n",
+                                                          "patch": make_patch(world.bare, second.head_sha,
+                                                                              {"c.txt": "c\n"}, tmp_path)}))
+    assert git(world.bare, "rev-parse", f"{third.head_sha}^") == second.head_sha
 
 
 def test_close_and_comment(world: World) -> None:
