@@ -7,26 +7,19 @@ import asyncio
 import json
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from temporalio import workflow
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from adapters.linear import LinearClient
 from conveyor.config import ConveyorConfig, RepoPolicy, Settings
-from conveyor.search import dev_server_args
+from conveyor.models import TaskRequest
 from triggers import service
 from triggers.linear_webhooks import LinearWebhookReceiver, serve
-
-from conveyor.models import TaskRequest
-
 from tests.emulators.linear_api import LinearEmulator
 
-TEMPORAL = Path("/work/main/.venv/bin/temporal")
 
 
 @workflow.defn(name="AgentTaskWorkflow")
@@ -37,20 +30,8 @@ class StandInTaskWorkflow:
                 "conversation": request.origin.conversation, "repo": request.repo.name}
 
 
-@pytest.fixture(scope="module")
-async def temporal():
-    import shutil
-
-    path = TEMPORAL if TEMPORAL.exists() else Path(shutil.which("temporal") or "temporal")
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(path), data_converter=pydantic_data_converter, dev_server_extra_args=dev_server_args(),
-    )
-    yield env
-    await env.shutdown()
-
-
 @pytest.fixture()
-async def stack(temporal, tmp_path, monkeypatch):
+async def stack(temporal_env, tmp_path, monkeypatch):  # temporal_env: tests/conftest.py
     emu = LinearEmulator().start()
     monkeypatch.setenv("LINEAR_API_KEY", emu.api_key)
     monkeypatch.setenv("LINEAR_API_URL", emu.url)
@@ -65,7 +46,7 @@ async def stack(temporal, tmp_path, monkeypatch):
                            invokers=["slack:UADA", f"linear:{emu.viewer_id}"], linear_users={ada["email"]: "slack:UADA"}),
     })
     settings = Settings(home=tmp_path / "home", task_queue=f"q-{uuid.uuid4().hex[:8]}")
-    client: Client = temporal.client
+    client: Client = temporal_env.client
     started: list[TaskRequest] = []
 
     async def starter(request: TaskRequest):
