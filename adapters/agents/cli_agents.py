@@ -12,6 +12,7 @@ reason, and the sandbox outcome `timeout` stays visible to the activity).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -92,10 +93,13 @@ def _fmt_usage(usage: dict[str, int]) -> str:
 class _CLIAgent:
     name: ClassVar[str]
     executable: ClassVar[str]
+    env_prefix: ClassVar[str]
+    """Worker-side (trusted) overrides: CONVEYOR_<PREFIX>_BIN (path of the CLI inside the
+    sandbox image) and CONVEYOR_<PREFIX>_MODEL."""
 
-    def __init__(self, executable: str | None = None, model: str = "", extra_args: list[str] | None = None):
-        self.executable_path = executable or self.executable
-        self.model = model
+    def __init__(self, executable: str | None = None, model: str | None = None, extra_args: list[str] | None = None):
+        self.executable_path = executable or os.environ.get(f"CONVEYOR_{self.env_prefix}_BIN") or self.executable
+        self.model = model if model is not None else os.environ.get(f"CONVEYOR_{self.env_prefix}_MODEL", "")
         self.extra_args = list(extra_args or [])
 
     def _base_env(self, task: AgentTask) -> tuple[dict[str, str], dict[str, str]]:
@@ -173,6 +177,7 @@ class ClaudeCodeAgent(_CLIAgent):
 
     name = "claude-code"
     executable = "claude"
+    env_prefix = "CLAUDE"
     allowed_tools = ("Bash", "Read", "Edit", "MultiEdit", "Write", "Glob", "Grep", "LS", "TodoWrite")
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -266,6 +271,7 @@ class OpenCodeAgent(_CLIAgent):
 
     name = "opencode"
     executable = "opencode"
+    env_prefix = "OPENCODE"
     default_model = "anthropic/claude-sonnet-4-5"
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -352,6 +358,7 @@ class CodexAgent(_CLIAgent):
 
     name = "codex"
     executable = "codex"
+    env_prefix = "CODEX"
     # Codex reports tokens, not dollars: cost is estimated with these prices (USD per 1M tokens).
     price_input = 1.25
     price_cached_input = 0.125

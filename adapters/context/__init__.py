@@ -161,6 +161,11 @@ def build_context(
         stale = rot.staleness_warning(instructions_file, mentions, tree, commits)
         if stale:
             notes.append(stale)
+    if repo.test_command:
+        # The policy's own test command must be runnable in the sandbox image too.
+        notes += rot.command_warnings(
+            "the repository's test_command", rot.Mentions(commands=[repo.test_command]), tree or rot.Tree([]), "", sandbox_path
+        )
     warnings += notes
 
     # --- dynamic context ---------------------------------------------------------------------

@@ -257,3 +257,14 @@ def test_codex_provider_config_is_required(tmp_path: Path):
     report = agent.report(result)
     assert result.exit_code == 1 and report.outcome == "failed"
     assert "has no base_url" in report.summary
+
+
+def test_worker_side_executable_and_model_overrides(monkeypatch):
+    monkeypatch.setenv("CONVEYOR_CLAUDE_BIN", "/opt/claude/bin/claude")
+    monkeypatch.setenv("CONVEYOR_CLAUDE_MODEL", "claude-sonnet-4-5")
+    inv = get_agent("claude-code").invocation(make_task())
+    assert inv.argv[0] == "/opt/claude/bin/claude"
+    assert inv.argv[inv.argv.index("--model") + 1] == "claude-sonnet-4-5"
+    monkeypatch.setenv("CONVEYOR_CODEX_BIN", str(FAKES / "codex"))
+    assert get_agent("codex").invocation(make_task()).argv[0] == str(FAKES / "codex")
+    assert get_agent("opencode").invocation(make_task()).argv[0] == "opencode"

@@ -234,3 +234,13 @@ def test_mentions_parser():
     assert m.commands == ["npm run build", "FOO=1 sudo make -j4 check", "cd sub && ./run.sh | tee log"]
     assert command_executables("FOO=1 sudo make -j4 check") == ["make"]
     assert command_executables("cd sub && ./run.sh | tee log") == ["./run.sh", "tee"]
+
+
+def test_policy_test_command_is_checked(tmp_path: Path):
+    repo, sha = _base_repo(tmp_path)
+    ok = repo.policy().model_copy(update={"test_command": "make test && python3 -m pytest"})
+    doc = build_context(GitDirSource(), ok, sha, "t", Origin(source="cli"))
+    assert not any("test_command" in w for w in doc.warnings)
+    bad = repo.policy().model_copy(update={"test_command": "tox -e py311"})
+    doc = build_context(GitDirSource(), bad, sha, "t", Origin(source="cli"))
+    assert any(w.startswith("the repository's test_command uses commands") and "tox (in `tox -e py311`)" in w for w in doc.warnings)
