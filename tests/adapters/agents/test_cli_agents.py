@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -75,7 +74,9 @@ def test_registered_and_no_key_in_invocation(cls):
     flat = " ".join(inv.argv) + " " + " ".join(f"{k}={v}" for k, v in inv.env.items())
     assert ENDPOINT in flat, "the model endpoint is set through the CLI's base-URL setting"
     assert "sk-" not in flat
-    assert "Add CHANGED_BY_AGENT.txt" in inv.argv[-1] if cls is not ClaudeCodeAgent else inv.argv[2]
+    prompt = inv.argv[2] if cls is ClaudeCodeAgent else inv.argv[-1]
+    assert prompt.endswith("Task:\nAdd CHANGED_BY_AGENT.txt")
+    assert "/run/conveyor/out/summary.md" in prompt and "Check your change with: pytest -q" in prompt
 
 
 @pytest.mark.parametrize("cls", [ClaudeCodeAgent, OpenCodeAgent, CodexAgent])
