@@ -110,6 +110,9 @@ class RepoPolicy(BaseModel):
     slack_channels: list[str] = Field(default_factory=list)
     """Slack channels whose default repo this is."""
     linear_team: str = ""
+    linear_users: dict[str, str] = Field(default_factory=dict)
+    """Linear user id or email -> policy principal (e.g. "slack:U123"), so a person is one
+    identity across triggers. Unmapped Linear users act as "linear:<user id>"."""
     sandbox: SandboxPolicy = Field(default_factory=SandboxPolicy)
 
     def allows(self, role: Literal["invokers", "approvers", "reverters"], principal: str, bare_id: str) -> bool:

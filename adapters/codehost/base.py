@@ -62,6 +62,11 @@ class CodeHost(Protocol):
 
     def recent_commits(self, repo: RepoPolicy, sha: str, limit: int) -> list[CommitInfo]: ...
 
+    def list_paths(self, repo: RepoPolicy, sha: str) -> list[str]:
+        """Every file path in the tree at `sha` (recursive, files only, repo-relative), for the
+        AGENTS.md rot checks. Local git: `git ls-tree -r -z --name-only SHA`."""
+        ...
+
     def base_ci_status(self, repo: RepoPolicy, sha: str) -> str:
         """Human summary of the base commit's CI ('green', 'failing: a, b', 'unknown')."""
         ...
