@@ -13,10 +13,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-# bubblewrap and git come from Debian; installed only when missing (needs root).
+# From Debian, installed only when missing (needs root): bubblewrap and git for the pipeline,
+# /usr/bin/python3 for the sandbox tests' in-sandbox probes.
 system-deps:
-	@command -v bwrap >/dev/null && command -v git >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap git iproute2 >/dev/null)
+	@command -v bwrap >/dev/null && command -v git >/dev/null && test -x /usr/bin/python3 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap git python3 >/dev/null)
 
 run: system-deps $(STAMP)
 	$(BIN)/conveyor demo

@@ -16,6 +16,7 @@ from adapters.agents.base import AgentTask
 from adapters.patch import PatchRejected, validate_patch
 from adapters.sandbox import get_sandbox
 from adapters.sandbox.base import Outcome, SandboxError, SandboxJob, SandboxSpec
+from adapters.sandbox.model_proxy import ENDPOINTS, sandbox_base_url
 from conveyor.models import AgentOutcome, AgentRunInput, AgentRunResult
 
 HEARTBEAT_EVERY_S = 1.0
@@ -29,6 +30,14 @@ _LIMIT_OUTCOMES = {
     Outcome.output_cap: AgentOutcome.output_cap,
     Outcome.refused: AgentOutcome.refused,
 }
+
+
+def model_base_url(secrets: list[str]) -> str:
+    """The in-sandbox URL of the host-side endpoint that adds the model key (never the key)."""
+    for secret in secrets:
+        if secret in ENDPOINTS:
+            return sandbox_base_url(secret)
+    return ""
 
 
 class AgentActivities:
@@ -73,6 +82,7 @@ class AgentActivities:
             test_command=inp.repo.test_command,
             max_turns=inp.repo.max_turns,
             max_cost_usd=inp.repo.max_cost_usd,
+            model_base_url=model_base_url(policy.secrets),
         )
         with self._workspace(self.deps.repo_key(inp.repo)) as workspace:
             host = self.deps.codehost(inp.repo)
@@ -80,7 +90,10 @@ class AgentActivities:
             if inp.follow_up_branch:
                 start_sha = host.resolve_base(inp.repo, inp.follow_up_branch)
             await asyncio.to_thread(host.checkout, inp.repo, start_sha, workspace)
-            invocation = agent.invocation(task)
+            try:
+                invocation = agent.invocation(task)
+            except ValueError as exc:  # e.g. a model agent on a repo whose policy lists no model key
+                raise ApplicationError(str(exc), type="AgentConfig", non_retryable=True) from None
             spec = SandboxSpec.from_policy(
                 policy, workspace, invocation.argv, inputs=invocation.inputs, outbox=True
             )
@@ -140,7 +153,7 @@ class AgentActivities:
             turns=report.turns,
             duration_s=duration,
             sandbox_id=result.sandbox_id or result.agent.sandbox_id,
-            egress=result.agent.egress[:200],
+            egress=[*(result.setup.egress if result.setup else []), *result.agent.egress][:200],
         )
         if result.agent.outcome in _LIMIT_OUTCOMES:
             detail = result.agent.detail or f"stopped by the {result.agent.outcome.value} limit"

@@ -107,6 +107,7 @@ class ChangeActivities:
                 "",
                 "## Context warnings",
                 warnings,
+                *(["", "<details><summary>Suggested AGENTS.md</summary>", "", "```markdown", inp.suggested_agents_md, "```", "</details>"] if inp.suggested_agents_md else []),
                 "",
                 "## Links",
                 f"- Temporal: {self.run_url(inp.task_id, inp.run_id)}",

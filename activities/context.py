@@ -7,6 +7,8 @@ import asyncio
 from temporalio import activity
 
 from activities.base import Deps, host_errors
+from adapters.context import build_context
+from adapters.linear import LinearClient
 from conveyor.models import ContextInput, ContextResult
 
 
@@ -20,10 +22,15 @@ class ContextActivities:
         return await asyncio.to_thread(self._build, inp)
 
     def _build(self, inp: ContextInput) -> ContextResult:
-        from adapters.context import build_context
-
         host = self.deps.codehost(inp.repo)
         base_sha = host.resolve_base(inp.repo, inp.base)
-        document = build_context(host, inp.repo, base_sha, inp.text, inp.origin)
+        linear = LinearClient.optional(self.deps.settings)
+        document = build_context(host, inp.repo, base_sha, inp.text, inp.origin, linear=linear)
         ref = self.deps.store.put(document.text.encode())
-        return ContextResult(base_sha=base_sha, document=ref, warnings=document.warnings, cut=document.cut)
+        return ContextResult(
+            base_sha=base_sha,
+            document=ref,
+            warnings=document.warnings,
+            cut=document.cut,
+            suggested_agents_md=document.suggested_agents_md[:4000],
+        )

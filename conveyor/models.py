@@ -140,6 +140,8 @@ class ContextResult(BaseModel):
     document: ArtifactRef
     warnings: list[str] = Field(default_factory=list)
     cut: list[str] = Field(default_factory=list)
+    suggested_agents_md: str = ""
+    """A skeleton AGENTS.md when the repository has none, offered in the change body."""
 
 
 class AgentRunInput(BaseModel):
@@ -195,6 +197,7 @@ class PublishInput(BaseModel):
     origin: Origin
     run: AgentRunResult
     context_warnings: list[str] = Field(default_factory=list)
+    suggested_agents_md: str = ""
     follow_up_branch: str = ""
 
 
@@ -255,6 +258,7 @@ class RevertResult(BaseModel):
     revert_sha: str = ""
     url: str = ""
     already: bool = False
+    detail: str = ""
     pending_review: bool = False
     """True when the code host opened a revert for review instead of landing it."""
 

@@ -189,6 +189,7 @@ class AgentTaskWorkflow:
                     origin=req.origin,
                     run=run,
                     context_warnings=context.warnings,
+                    suggested_agents_md=context.suggested_agents_md,
                     follow_up_branch=req.follow_up_branch,
                 ),
                 result_type=ChangeRequest,

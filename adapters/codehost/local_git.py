@@ -158,7 +158,13 @@ class LocalGitCodeHost:
                 except GitError:
                     head = self._rev(gd, ref) or head
             elif f"Conveyor-Task: {request.task_id}" not in git_text("log", "-1", "--format=%B", head, git_dir=gd):
-                raise CodeHostError(f"branch {request.branch} exists and was not made by this task", retryable=False)
+                # A follow-up task on an existing change: its patch was made on the branch head.
+                new = self._commit_patch(gd, request, parent=head)
+                try:
+                    run_git("update-ref", ref, new, head, git_dir=gd)
+                except GitError:
+                    raise CodeHostError(f"branch {request.branch} moved while publishing; retrying") from None
+                head = new
             numstat = git_text("diff", "--numstat", request.base_sha, head, git_dir=gd).splitlines()
             added = sum(int(p.split("\t")[0]) for p in numstat if p.split("\t")[0].isdigit())
             removed = sum(int(p.split("\t")[1]) for p in numstat if p.split("\t")[1].isdigit())
