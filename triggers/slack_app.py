@@ -305,14 +305,14 @@ def build_app(
         try:
             cmd = parse_command(command.get("text", ""))
             if cmd.verb == "help":
-                await ack(text=USAGE)
+                await ack(text=USAGE, response_type="ephemeral")
                 return
             if cmd.verb == "task":
                 user = identity_from(command["user_id"], command.get("user_name", ""))
                 origin = Origin(source="slack", delivery_id=command["trigger_id"], slack_channel=command["channel_id"])
                 trigger.prepare(cmd, user, origin, service.task_id_for("slack", command["trigger_id"]))
         except (UserError, ServiceError) as exc:
-            await ack(text=f":x: {exc}")
+            await ack(text=f":x: {exc}", response_type="ephemeral")
             return
         await ack()
 
@@ -351,6 +351,10 @@ def build_app(
     async def start_from_command(cmd: Command, user: Identity, command: dict[str, Any], client: AsyncWebClient, respond) -> None:
         channel, trigger_id = command["channel_id"], command["trigger_id"]
         task_id = service.task_id_for("slack", trigger_id)
+        try:
+            trigger.prepare(cmd, user, Origin(source="slack", delivery_id=trigger_id, slack_channel=channel), task_id)
+        except (UserError, ServiceError):
+            return  # the ack already told the user; nothing starts
         if not trigger.claim(task_id):
             return  # the same delivery is being handled right now
         if dup := trigger.recent_duplicate(user.id, channel, cmd.text):

@@ -267,6 +267,8 @@ class SlackNotifier:
         if not channel:
             return dict(notice.refs)  # not a Slack task: nothing to say here
         refs = dict(notice.refs)
+        if not notice.ui_url:
+            notice = notice.model_copy(update={"ui_url": self.settings.task_ui_url(notice.task_id)})
         thread_ts = notice.origin.slack_thread_ts or refs.get(REF_THREAD, "")
         try:
             progress_ts = self._upsert(

@@ -412,6 +412,11 @@ class SlackWebAPI:
 # ---- the Slack side: signed requests to the app --------------------------------------------------
 
 
+def slack_escape(text: str) -> str:
+    """What Slack does to user text before sending it to an app (`&`, `<`, `>` as entities)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def sign(secret: str, timestamp: int, body: str) -> str:
     base = f"v0:{timestamp}:{body}".encode()
     return "v0=" + hmac.new(secret.encode(), base, hashlib.sha256).hexdigest()
@@ -476,7 +481,7 @@ class SlackSender:
             "user_id": user,
             "user_name": user_name,
             "command": command,
-            "text": text,
+            "text": slack_escape(text),
             "api_app_id": "A0001",
             "is_enterprise_install": "false",
             "response_url": self.api.response_url(f"cmd-{n}"),
@@ -512,8 +517,8 @@ class SlackSender:
         event = {
             "type": "app_mention",
             "user": user,
-            "text": f"<@{self.api.bot_user_id}> {text}",
-            "ts": ts or self.api.seed_message(channel, f"<@{self.api.bot_user_id}> {text}", user, thread_ts),
+            "text": f"<@{self.api.bot_user_id}> {slack_escape(text)}",
+            "ts": ts or self.api.seed_message(channel, f"<@{self.api.bot_user_id}> {slack_escape(text)}", user, thread_ts),
             "channel": channel,
             "event_ts": ts or f"{time.time():.6f}",
         }
