@@ -155,3 +155,157 @@ async def test_temporal_unreachable_starts_nothing_and_says_retry(rig: SlackRig,
     assert "retry" in said[0].args["text"] and said[0].args["response_type"] == "ephemeral"
     assert rig.api.calls_of("chat.postMessage") == []  # no thread root left behind
     assert await _workflow_ids(rig) == []
+
+
+async def _to_review(rig: SlackRig, text: str = "echo hi >> README.md", user: str = "U100") -> tuple[str, dict]:
+    body, form = rig.sender.slash_body(text, user=user, channel="C100")
+    assert (await rig.post(body, "application/x-www-form-urlencoded")).status == 200
+    task_id = await _accepted(rig, form["trigger_id"])
+    return task_id, await _review_message(rig, task_id)
+
+
+def _progress(rig: SlackRig, task_id: str) -> dict | None:
+    for m in rig.api.messages.get("C100", []):
+        meta = m.get("metadata") or {}
+        if meta.get("event_type") == "conveyor_progress" and meta["event_payload"]["task_id"] == task_id:
+            return m
+    return None
+
+
+async def test_review_approve_merge_and_revert_through_slack(rig: SlackRig) -> None:
+    task_id, review = await _to_review(rig)
+    buttons = _buttons(review)
+    assert set(buttons) == {"conveyor_approve", "conveyor_reject"}
+    value = json.loads(buttons["conveyor_approve"]["value"])
+    assert value == {"task_id": task_id, "head_sha": "b" * 40}
+    text = json.dumps(review["blocks"])
+    assert "Appended a line to README.md" in text  # summary
+    assert "http://codehost.test/changes/7" in text and rig.settings.task_ui_url(task_id) in text  # links
+    assert "+1" in text  # files changed / diff stats
+    root_ts = review["thread_ts"]
+    progress = _progress(rig, task_id)
+    assert progress is not None and progress["thread_ts"] == root_ts and "Awaiting review" in progress["blocks"][0]["text"]["text"]
+
+    # the requester may approve on this repo in general, but not their own task (approver_must_differ)
+    own = await rig.click("conveyor_approve", buttons["conveyor_approve"]["value"], user="U100", user_name="alice", message_ts=review["ts"], message=review)
+    assert own.status == 200 and own.elapsed_s < ACK_BUDGET_S
+    refused = await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "other than the requester" in c.args.get("text", "")])
+    assert refused[0].args["response_type"] == "ephemeral" and refused[0].args["replace_original"] is False
+    # not an approver at all
+    await rig.click("conveyor_approve", buttons["conveyor_approve"]["value"], user="U300", user_name="carol", message_ts=review["ts"], message=review)
+    await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "not allowed to approve" in c.args.get("text", "")])
+    status = await service.task_status(rig.client, task_id)
+    assert status.stage == Stage.awaiting_review and not [e for e in status.audit if e.action == "approved"]
+    assert _buttons(rig.api.message("C100", review["ts"]))  # still has its buttons
+
+    # a real approver
+    ok = await rig.click("conveyor_approve", buttons["conveyor_approve"]["value"], user="U200", user_name="bob", message_ts=review["ts"], message=review)
+    assert ok.status == 200 and ok.elapsed_s < ACK_BUDGET_S
+    await _stage(rig, task_id, Stage.merged)
+    status = await service.task_status(rig.client, task_id)
+    approved = [e for e in status.audit if e.action == "approved"]
+    assert approved and approved[0].by == "bob" and approved[0].via == "slack:C100"
+    merge = [inp for name, inp in rig.standins.calls if name == "merge_change"][0]
+    assert merge.approved_head == "b" * 40 and merge.approved_by.principal == "slack:U200"
+    decided = await rig.api.await_for(lambda: (m := rig.api.message("C100", review["ts"])) and not _buttons(m) and m)
+    assert "Approved by <@U200>" in json.dumps(decided["blocks"])
+    merged = await rig.api.await_for(lambda: (p := _progress(rig, task_id)) and "Merged" in json.dumps(p["blocks"]) and p)
+    assert "conveyor_revert" in _buttons(merged)
+    assert len([m for m in rig.api.messages["C100"] if (m.get("metadata") or {}).get("event_type") == "conveyor_progress"]) == 1
+
+    # on call: a non-reverter is refused, a reverter's /agent revert reverts
+    await rig.slash(f"revert {task_id} broke prod", user="U100", channel="C100")
+    await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "not allowed to revert" in c.args.get("text", "")])
+    assert not [1 for name, _ in rig.standins.calls if name == "revert_change"]
+    await rig.slash(f"revert {task_id} broke prod", user="U200", channel="C100")
+    await _stage(rig, task_id, Stage.reverted)
+    revert = [inp for name, inp in rig.standins.calls if name == "revert_change"][0]
+    assert revert.decision.by.principal == "slack:U200" and revert.decision.reason == "broke prod"
+    link = "http://codehost.test/commit/" + "d" * 40
+    await rig.api.await_for(lambda: [m for m in rig.api.thread("C100", root_ts) if link in m.get("text", "")], what="the revert link in the thread")
+    final = await rig.api.await_for(lambda: (p := _progress(rig, task_id)) and "Reverted" in json.dumps(p["blocks"]) and p)
+    assert "conveyor_revert" not in _buttons(final)
+
+
+async def test_reject_opens_a_modal_and_requires_a_reason(rig: SlackRig) -> None:
+    task_id, review = await _to_review(rig)
+    value = _buttons(review)["conveyor_reject"]["value"]
+    await rig.click("conveyor_reject", value, user="U300", user_name="carol", message_ts=review["ts"], message=review)
+    await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "not allowed" in c.args.get("text", "")])
+    assert rig.api.views == []
+
+    click = await rig.click("conveyor_reject", value, user="U200", user_name="bob", message_ts=review["ts"], message=review)
+    assert click.status == 200
+    view = await rig.api.await_for(lambda: rig.api.views and rig.api.views[-1], what="views.open")
+    assert view["callback_id"] == "conveyor_reject_view"
+    empty = await rig.submit_view(view, {"reason": {"reason": {"type": "plain_text_input", "value": "   "}}}, user="U200")
+    assert empty.status == 200
+    assert empty.json() == {"response_action": "errors", "errors": {"reason": "Please say why: the requester sees this reason."}}
+    await __import__("asyncio").sleep(0.3)
+    assert (await service.task_status(rig.client, task_id)).stage == Stage.awaiting_review
+
+    done = await rig.submit_view(view, {"reason": {"reason": {"type": "plain_text_input", "value": "wrong file"}}}, user="U200")
+    assert done.status == 200 and not done.body  # an empty ack closes the modal
+    await _stage(rig, task_id, Stage.rejected)
+    closed = [inp for name, inp in rig.standins.calls if name == "close_change"]
+    assert closed and "wrong file" in closed[0].reason
+    decided = await rig.api.await_for(lambda: (m := rig.api.message("C100", review["ts"])) and not _buttons(m) and m)
+    assert "Rejected by <@U200>: wrong file" in json.dumps(decided["blocks"])
+    await rig.api.await_for(lambda: (p := _progress(rig, task_id)) and "Rejected" in json.dumps(p["blocks"]))
+
+
+async def test_mention_in_thread_carries_the_conversation_and_dedupes_retries(rig: SlackRig) -> None:
+    root = rig.api.seed_message("C200", "the login page returns 500 since this morning", "U300")
+    rig.api.seed_message("C200", "stack trace says KeyError: 'session'", "U100", thread_ts=root)
+    ts = rig.api.seed_message("C200", "<@UBOT> please fix it", "U100", thread_ts=root)
+    event = {"type": "app_mention", "user": "U100", "text": "<@UBOT> fix the KeyError &amp; add a test", "ts": ts,
+             "thread_ts": root, "channel": "C200", "event_ts": ts}
+    first = await __import__("asyncio").to_thread(rig.sender.event, event, "Ev0001")
+    assert first.status == 200 and first.elapsed_s < ACK_BUDGET_S
+    retry = await __import__("asyncio").to_thread(rig.sender.event, event, "Ev0001", 1)
+    assert retry.status == 200
+    task_id = service.task_id_for("slack", f"C200:{ts}")
+    await rig.api.await_for(lambda: [c for c in rig.api.calls_of("chat.postMessage") if task_id in c.args.get("text", "")])
+    await __import__("asyncio").sleep(0.3)
+    assert await _workflow_ids(rig) == [task_id]
+    request = await _start_input(rig, task_id)
+    assert request.text == "fix the KeyError & add a test"
+    assert request.repo.name == "api"
+    assert request.origin.slack_thread_ts == root
+    assert request.origin.conversation == [
+        "<@U300>: the login page returns 500 since this morning",
+        "<@U100>: stack trace says KeyError: 'session'",
+    ]
+    assert request.requester.display == "alice"
+    replies = [c for c in rig.api.calls_of("chat.postMessage") if task_id in c.args.get("text", "")]
+    assert len(replies) == 1 and replies[0].args["thread_ts"] == root
+
+
+async def test_mention_by_a_stranger_is_refused_ephemerally(rig: SlackRig) -> None:
+    resp = await rig.mention("do things", channel="C100", user="U999")
+    assert resp.status == 200
+    eph = await rig.api.await_for(lambda: rig.api.calls_of("chat.postEphemeral"))
+    assert eph[0].args["user"] == "U999" and "may not start tasks" in eph[0].args["text"]
+    await __import__("asyncio").sleep(0.2)
+    assert await _workflow_ids(rig) == []
+
+
+async def test_status_and_list(rig: SlackRig) -> None:
+    task_id, _ = await _to_review(rig)
+    await rig.slash(f"status {task_id}", user="U200")
+    said = await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if task_id in c.args.get("text", "")])
+    assert "awaiting review" in said[0].args["text"] and said[0].args["response_type"] == "ephemeral"
+    await rig.slash("status cv-000000000000", user="U200")
+    await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "no task cv-000000000000" in c.args.get("text", "")])
+    deadline = time.monotonic() + 10
+    while True:  # visibility (list) catches up asynchronously
+        before = len(rig.api.calls_of("response_url"))
+        await rig.slash("list", user="U100")
+        said = await rig.api.await_for(lambda: len(rig.api.calls_of("response_url")) > before)
+        text = rig.api.calls_of("response_url")[-1].args["text"]
+        if task_id in text or time.monotonic() > deadline:
+            break
+        await __import__("asyncio").sleep(0.3)
+    assert task_id in text and "awaiting review" in text
+    await rig.slash("list", user="U200")
+    await rig.api.await_for(lambda: "no Conveyor tasks" in rig.api.calls_of("response_url")[-1].args.get("text", ""))
