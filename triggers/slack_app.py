@@ -272,6 +272,29 @@ def render_status(status: TaskStatus, ui_url: str) -> str:
     return "\n".join(lines)
 
 
+async def list_text(client: Client, user: Identity, settings: Settings, limit: int = 20) -> str:
+    """The user's recent tasks from Temporal visibility alone (search attributes), so the answer
+    is fast and never waits on a query to a busy or absent worker."""
+    from conveyor import search
+
+    safe = user.principal.replace("'", "")
+    query = f"WorkflowType = '{service.TASK_WORKFLOW}' AND {search.REQUESTER.name} = '{safe}'"
+    lines: list[str] = []
+    try:
+        async for wf in client.list_workflows(query, limit=limit):
+            attrs = wf.typed_search_attributes
+            stage = attrs.get(search.STAGE) or "?"
+            repo = attrs.get(search.REPO) or "?"
+            state = "" if wf.status is None or wf.status.name == "RUNNING" else f" ({wf.status.name.lower()})"
+            lines.append(
+                f"• <{settings.task_ui_url(wf.id)}|`{wf.id}`> {escape(repo)} — *{stage.replace('_', ' ')}*{state}"
+                f" — started {wf.start_time:%Y-%m-%d %H:%M} UTC"
+            )
+    except Exception as exc:
+        raise Unavailable(f"could not list tasks: {exc}") from exc
+    return ("*Your tasks*\n" + "\n".join(lines)) if lines else "You have no Conveyor tasks yet."
+
+
 def build_app(
     settings: Settings,
     config: ConveyorConfig,
@@ -330,15 +353,7 @@ def build_app(
                 status = await service.task_status(tc, cmd.task_id)
                 await respond(response_type="ephemeral", replace_original=False, text=render_status(status, settings.task_ui_url(cmd.task_id)))
             elif cmd.verb == "list":
-                tc = await trigger.client()
-                tasks = await service.list_tasks(tc, requester_principal=user.principal, limit=20)
-                if not tasks:
-                    text = "You have no Conveyor tasks yet."
-                else:
-                    text = "*Your tasks*\n" + "\n".join(
-                        f"• <{settings.task_ui_url(t.task_id)}|`{t.task_id}`> {escape(t.repo)} — *{t.stage.value.replace('_', ' ')}* — {escape(t.text[:80])}"
-                        for t in tasks
-                    )
+                text = await list_text(await trigger.client(), user, settings)
                 await respond(response_type="ephemeral", replace_original=False, text=text)
             elif cmd.verb == "revert":
                 await do_revert(cmd.task_id, cmd.reason, user, command["channel_id"], client, respond)
@@ -435,8 +450,7 @@ def build_app(
         if cmd.verb == "status":
             return render_status(await service.task_status(tc, cmd.task_id), settings.task_ui_url(cmd.task_id))
         if cmd.verb == "list":
-            tasks = await service.list_tasks(tc, requester_principal=user.principal)
-            return "\n".join(f"• `{t.task_id}` {escape(t.repo)} — {t.stage.value}" for t in tasks) or "You have no Conveyor tasks yet."
+            return await list_text(tc, user, settings)
         if cmd.verb == "revert":
             answers: list[str] = []
 

@@ -241,6 +241,14 @@ def decision_line(kind: str, by: str, reason: str = "") -> str:
     return line
 
 
+def _decision_text(blocks: list[dict[str, Any]]) -> str:
+    for block in blocks:
+        if block.get("block_id") == DECISION_BLOCK:
+            elements = block.get("elements") or [{}]
+            return str(elements[0].get("text", ""))
+    return ""
+
+
 def web_client(settings: Settings | None = None, token: str | None = None, base_url: str | None = None) -> WebClient:
     slack = (settings or Settings()).slack()
     kwargs: dict[str, Any] = {"token": token or slack.bot_token, "timeout": 10}
@@ -352,8 +360,19 @@ class SlackNotifier:
                 log.warning("conversations.replies failed (%s)", exc.response.get("error"))
         if blocks is None:
             blocks = review_blocks(notice.model_copy(update={"kind": "review"}))[1]
-        reason = notice.text if notice.kind in ("rejected", "failed") else ""
+        reason = notice.text if notice.kind == "failed" else ""
         line = decision_line(notice.kind, notice.decided_by, reason)
+        if notice.kind == "rejected" and notice.text:
+            line = f":no_entry_sign: {escape(notice.text)}"  # "Rejected by X: reason", from the workflow
+        earlier = _decision_text(blocks)
+        # The Slack app already wrote "Approved by <@U…>" when the button was clicked; keep that
+        # line (it mentions the person) and add the outcome rather than replace it.
+        if earlier and notice.kind == "merged" and earlier.startswith(":white_check_mark: Approved by"):
+            line = earlier.split(" · ", 1)[0] + " · merged"
+        elif earlier and notice.kind == "rejected" and earlier.startswith(":no_entry_sign: Rejected by"):
+            line = earlier
+        elif earlier and notice.kind == "reverted":
+            line = earlier.split(" · ", 1)[0] + " · merged, then reverted"
         try:
             self.client.chat_update(channel=channel, ts=review_ts, text=line, blocks=decided_blocks(blocks, line))
         except SlackApiError as exc:

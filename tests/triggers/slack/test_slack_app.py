@@ -277,7 +277,7 @@ async def test_mention_in_thread_carries_the_conversation_and_dedupes_retries(ri
         "<@U100>: stack trace says KeyError: 'session'",
     ]
     assert request.requester.display == "alice"
-    replies = [c for c in rig.api.calls_of("chat.postMessage") if task_id in c.args.get("text", "")]
+    replies = [c for c in rig.api.calls_of("chat.postMessage") if f"accepted as task `{task_id}`" in c.args.get("text", "")]
     assert len(replies) == 1 and replies[0].args["thread_ts"] == root
 
 
