@@ -83,7 +83,7 @@ class SlackWebAPI:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="slack-emulator", daemon=True)
+        self._thread = threading.Thread(target=lambda: self._server.serve_forever(poll_interval=0.05), name="slack-emulator", daemon=True)
         self._thread.start()
         return self
 
@@ -124,6 +124,11 @@ class SlackWebAPI:
         """Make the next call of `method` answer ``{"ok": false, "error": error}``."""
         with self._lock:
             self._failures.setdefault(method, []).append(error)
+
+    def rate_limit_next(self, method: str, retry_after: int = 1) -> None:
+        """Answer the next call of `method` the way Slack throttles: HTTP 429 + Retry-After."""
+        with self._lock:
+            self._failures.setdefault(method, []).append(f"429:{retry_after}")
 
     def calls_of(self, method: str) -> list[Call]:
         with self._lock:
@@ -228,6 +233,15 @@ class SlackWebAPI:
         with self._lock:
             injected = self._failures.get(method)
             error = injected.pop(0) if injected else None
+        if error and error.startswith("429:"):
+            data = json.dumps({"ok": False, "error": "ratelimited"}).encode()
+            req.send_response(429)
+            req.send_header("Retry-After", error.split(":", 1)[1])
+            req.send_header("Content-Type", "application/json; charset=utf-8")
+            req.send_header("Content-Length", str(len(data)))
+            req.end_headers()
+            req.wfile.write(data)
+            return
         if error:
             self._reply(req, 200, {"ok": False, "error": error})
             return
