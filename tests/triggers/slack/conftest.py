@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
+from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,17 +170,10 @@ class SlackRig:
         return await asyncio.to_thread(self.sender.submit_view, *args, **kw)
 
 
-@pytest_asyncio.fixture
-async def rig(slack_temporal: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[SlackRig]:
-    api = SlackWebAPI(bot_token=BOT_TOKEN, users={"U100": "alice", "U200": "bob", "U300": "carol"}).start()
-    monkeypatch.setenv("SLACK_BOT_TOKEN", BOT_TOKEN)
-    monkeypatch.setenv("SLACK_SIGNING_SECRET", SIGNING_SECRET)
-    monkeypatch.setenv("SLACK_API_URL", api.base_url)
-    monkeypatch.delenv("SLACK_APP_TOKEN", raising=False)
-    settings = Settings(task_queue=f"slack-{uuid.uuid4().hex[:8]}", home=tmp_path)
-    config = repo_config()
-    client = slack_temporal.client
-    standins = StandIns()
+@asynccontextmanager
+async def serve_rig(client: Client, settings: Settings, config: ConveyorConfig, api: SlackWebAPI,
+                    standins: StandIns | None = None) -> AsyncIterator[SlackRig]:
+    """The bolt app on an ephemeral port, pointed at the emulator, talking to `client`."""
 
     async def provider() -> Client:
         return client
@@ -187,15 +181,36 @@ async def rig(slack_temporal: WorkflowEnvironment, monkeypatch: pytest.MonkeyPat
     app = build_app(settings, config, provider)
     runner = await serve_http(app, 0, host="127.0.0.1")
     url = f"http://127.0.0.1:{bound_port(runner)}/slack/events"
+    try:
+        yield SlackRig(api, SlackSender(url, SIGNING_SECRET, api), client, settings, config, standins or StandIns(), url, app)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def slack_api(monkeypatch: pytest.MonkeyPatch):
+    api = SlackWebAPI(bot_token=BOT_TOKEN, users={"U100": "alice", "U200": "bob", "U300": "carol"}).start()
+    monkeypatch.setenv("SLACK_BOT_TOKEN", BOT_TOKEN)
+    monkeypatch.setenv("SLACK_SIGNING_SECRET", SIGNING_SECRET)
+    monkeypatch.setenv("SLACK_API_URL", api.base_url)
+    monkeypatch.delenv("SLACK_APP_TOKEN", raising=False)
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest_asyncio.fixture
+async def rig(slack_temporal: WorkflowEnvironment, slack_api: SlackWebAPI, tmp_path: Path) -> AsyncIterator[SlackRig]:
+    """Real workflow, stand-in activities (real SlackNotifier), real bolt app over HTTP."""
+    settings = Settings(task_queue=f"slack-{uuid.uuid4().hex[:8]}", home=tmp_path)
+    client = slack_temporal.client
+    standins = StandIns()
     worker = Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[AgentTaskWorkflow, RevertTaskWorkflow],
         activities=standins.activities(SlackNotifier(settings)),
     )
-    try:
-        async with worker:
-            yield SlackRig(api, SlackSender(url, SIGNING_SECRET, api), client, settings, config, standins, url, app)
-    finally:
-        await runner.cleanup()
-        api.stop()
+    async with worker, serve_rig(client, settings, repo_config(), slack_api, standins) as r:
+        yield r
