@@ -503,6 +503,10 @@ def build_app(
                 await respond(response_type="ephemeral", replace_original=False,
                               text=f"Task `{task_id}` is {status.stage.value.replace('_', ' ')}, not awaiting review; nothing was sent.")
                 return
+            if head_sha and status.head_sha and head_sha != status.head_sha:
+                await respond(response_type="ephemeral", replace_original=False,
+                              text=f"The change moved since this message (now `{status.head_sha[:12]}`); review the new head. Nothing was sent.")
+                return
             await service.signal_task(tc, task_id, "approve", Decision(by=user, via=f"slack:{channel}", head_sha=head_sha))
         except Unavailable as exc:
             await respond(response_type="ephemeral", replace_original=False, text=f":warning: Temporal is unreachable; your approval was not sent. Please retry. ({escape(str(exc))[:200]})")

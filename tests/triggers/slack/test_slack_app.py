@@ -309,3 +309,23 @@ async def test_status_and_list(rig: SlackRig) -> None:
     assert task_id in text and "awaiting review" in text
     await rig.slash("list", user="U200")
     await rig.api.await_for(lambda: "no Conveyor tasks" in rig.api.calls_of("response_url")[-1].args.get("text", ""))
+
+
+async def test_stale_head_is_refused_and_the_revert_button_reverts(rig: SlackRig) -> None:
+    task_id, review = await _to_review(rig)
+    stale = json.dumps({"task_id": task_id, "head_sha": "f" * 40})
+    await rig.click("conveyor_approve", stale, user="U200", message_ts=review["ts"], message=review)
+    await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "change moved" in c.args.get("text", "")])
+    assert (await service.task_status(rig.client, task_id)).stage == Stage.awaiting_review
+
+    await rig.click("conveyor_approve", _buttons(review)["conveyor_approve"]["value"], user="U200", message_ts=review["ts"], message=review)
+    merged = await rig.api.await_for(lambda: (p := _progress(rig, task_id)) and "conveyor_revert" in _buttons(p) and p)
+    revert_value = _buttons(merged)["conveyor_revert"]["value"]
+    await rig.click("conveyor_revert", revert_value, user="U100", message_ts=merged["ts"], message=merged)
+    await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "not allowed to revert" in c.args.get("text", "")])
+    await rig.click("conveyor_revert", revert_value, user="U200", message_ts=merged["ts"], message=merged)
+    await _stage(rig, task_id, Stage.reverted)
+    # a second click (double submission) is harmless: one revert
+    await rig.click("conveyor_revert", revert_value, user="U200", message_ts=merged["ts"], message=merged)
+    await __import__("asyncio").sleep(0.5)
+    assert len([1 for name, _ in rig.standins.calls if name == "revert_change"]) == 1
