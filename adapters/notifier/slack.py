@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from slack_sdk import WebClient
@@ -133,6 +134,11 @@ def progress_blocks(notice: Notice) -> tuple[str, list[dict[str, Any]]]:
     lines = [head]
     if notice.text:
         lines.append(escape(notice.text))
+    if notice.stage == Stage.running and notice.run is None:
+        # Slack renders this in the reader's time zone; with the message's own "edited" mark it
+        # tells how long the agent has been running without a chat.update per second.
+        now = int(time.time())
+        lines.append(f"Running since <!date^{now}^{{time}}|{time.strftime('%H:%M UTC', time.gmtime(now))}>")
     if notice.run is not None and notice.run.duration_s:
         lines.append(f"Agent ran for {notice.run.duration_s:.0f}s")
     if cl := change_line(notice):
@@ -190,7 +196,8 @@ def review_blocks(notice: Notice) -> tuple[str, list[dict[str, Any]]]:
         fields.append({"type": "mrkdwn", "text": f"*Files changed*\n{change.files_changed} (+{change.lines_added} −{change.lines_removed})"})
         fields.append({"type": "mrkdwn", "text": f"*Head*\n`{change.head_sha[:12]}` on `{escape(change.branch)}`"})
     if notice.text and notice.text != summary:
-        fields.append({"type": "mrkdwn", "text": _clip("*Tests*\n" + escape(notice.text), 1900)})
+        # test results travel in the notice text / run summary (the agent's own report)
+        fields.append({"type": "mrkdwn", "text": _clip("*Status / tests*\n" + escape(notice.text), 1900)})
     fields.append({"type": "mrkdwn", "text": f"*Requested by*\n{who(notice.requester.principal)}"})
     blocks.append({"type": "section", "fields": fields[:10]})
     for warning in notice.warnings[:5]:

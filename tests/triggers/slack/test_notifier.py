@@ -62,6 +62,8 @@ def test_progress_is_one_message_updated_in_place(api: SlackWebAPI, notifier: Sl
     ts = refs["slack_progress_ts"]
     refs = notifier.notify(_notice(api, "progress", Stage.running, refs, root=root, text="Agent running in the sandbox"))
     assert refs["slack_progress_ts"] == ts
+    running = api.message("C1", ts)["blocks"][0]["text"]["text"]
+    assert "Agent running" in running and "Running since <!date^" in running  # elapsed, rendered by Slack
     refs = notifier.notify(_notice(api, "review", Stage.awaiting_review, refs, root=root, text="tests: 12 passed", change=CHANGE, run=RUN))
     assert refs["slack_progress_ts"] == ts
     posts = api.calls_of("chat.postMessage")

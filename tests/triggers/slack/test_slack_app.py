@@ -329,3 +329,11 @@ async def test_stale_head_is_refused_and_the_revert_button_reverts(rig: SlackRig
     await rig.click("conveyor_revert", revert_value, user="U200", message_ts=merged["ts"], message=merged)
     await __import__("asyncio").sleep(0.5)
     assert len([1 for name, _ in rig.standins.calls if name == "revert_change"]) == 1
+
+
+async def test_events_url_verification_handshake(rig: SlackRig) -> None:
+    body = json.dumps({"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"})
+    resp = await rig.post(body, "application/json")
+    assert resp.status == 200 and resp.json() == {"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}
+    forged = await rig.post(body, "application/json", signature="v0=" + "1" * 64)
+    assert forged.status == 401
