@@ -143,9 +143,9 @@ def progress_blocks(notice: Notice) -> tuple[str, list[dict[str, Any]]]:
         lines.append(f"Agent ran for {notice.run.duration_s:.0f}s")
     if cl := change_line(notice):
         lines.append(cl)
-    if notice.decided_by:
-        verb = {"merged": "Approved", "rejected": "Rejected", "reverted": "Reverted"}.get(notice.kind, "Decided")
-        lines.append(f"{verb} by {who(notice.decided_by)}")
+    if notice.decided_by and notice.kind == "merged":
+        # (rejections and reverts name their decider in the text already; decided_by is the reviewer)
+        lines.append(f"Approved by {who(notice.decided_by)}")
     blocks: list[dict[str, Any]] = [
         {"type": "section", "text": {"type": "mrkdwn", "text": _clip("\n".join(lines))}},
     ]

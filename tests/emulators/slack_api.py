@@ -592,6 +592,7 @@ class SlackSender:
     def slash_body(self, text: str, user: str = "U100", user_name: str = "alice", channel: str = "C100",
                    command: str = "/agent", trigger_id: str | None = None) -> tuple[str, dict[str, str]]:
         n = next(self._n)
+        user_name = self.api.users.get(user, user_name)
         form = {
             "token": "deprecated-verification-token",
             "team_id": self.team_id,
@@ -653,6 +654,7 @@ class SlackSender:
     def click(self, action_id: str, value: str, user: str = "U200", user_name: str = "bob",
               channel: str = "C100", message_ts: str = "", message: dict[str, Any] | None = None) -> Delivery:
         n = next(self._n)
+        user_name = self.api.users.get(user, user_name)
         payload = {
             "type": "block_actions",
             "user": {"id": user, "username": user_name, "name": user_name, "team_id": self.team_id},

@@ -69,16 +69,20 @@ async def test_slack_journey_agent_approve_merge_revert(temporal_env, settings: 
         assert click.status == 200
         merged = await _wait_stage(client, task_id, Stage.merged)
         readme = conftest.git(bare_repo, "show", "main:README.md")
-        assert readme == readme_before + "hi\n"
+        assert readme.splitlines() == readme_before.splitlines() + ["hi"]  # the agent's change, merged
         assert merged.approved_head == status.head_sha
 
         await rig.slash(f"revert {task_id} on-call drill", user="U300", channel="C100")
         reverted = await _wait_stage(client, task_id, Stage.reverted)
         assert conftest.git(bare_repo, "show", "main:README.md") == readme_before
         assert reverted.revert_sha
-        thread = slack_api.thread("C100", msg["thread_ts"])
-        await slack_api.await_for(
+        posted = await slack_api.await_for(
             lambda: [m for m in slack_api.thread("C100", msg["thread_ts"]) if reverted.revert_sha[:12] in m.get("text", "")],
             timeout=20, what="the revert commit in the thread",
         )
-        assert len(thread) >= 3  # root, accepted, progress, review...
+        assert "Reverted by carol" in posted[0]["text"]
+        decided = slack_api.message("C100", msg["ts"])
+        assert not [b for b in decided["blocks"] if b["type"] == "actions"]
+        assert "Approved by <@U200>" in json.dumps(decided["blocks"])
+        progress = [m for m in slack_api.thread("C100", msg["thread_ts"]) if (m.get("metadata") or {}).get("event_type") == "conveyor_progress"]
+        assert len(progress) == 1 and "Reverted" in progress[0]["blocks"][0]["text"]["text"]
