@@ -219,7 +219,7 @@ class SlackTrigger:
         """How many tasks (this one included) are waiting for a worker; 0 when unknown."""
         query = (
             f"WorkflowType = '{service.TASK_WORKFLOW}' AND ExecutionStatus = 'Running' "
-            f"AND ConveyorStage = '{Stage.received.value}'"
+            f"AND TaskQueue = '{self.settings.task_queue}' AND ConveyorStage = '{Stage.received.value}'"
         )
         try:
             count = await asyncio.wait_for(client.count_workflows(query), timeout=0.5)

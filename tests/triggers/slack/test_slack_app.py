@@ -337,3 +337,23 @@ async def test_events_url_verification_handshake(rig: SlackRig) -> None:
     assert resp.status == 200 and resp.json() == {"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}
     forged = await rig.post(body, "application/json", signature="v0=" + "1" * 64)
     assert forged.status == 401
+
+
+async def test_accepted_reply_tells_the_queue_position(slack_temporal, slack_api, tmp_path) -> None:
+    import uuid
+
+    from conveyor.config import Settings
+    from tests.triggers.slack.conftest import repo_config, serve_rig
+
+    # no worker on this queue: every task waits in `received`
+    settings = Settings(task_queue=f"queue-{uuid.uuid4().hex[:8]}", home=tmp_path)
+    async with serve_rig(slack_temporal.client, settings, repo_config(), slack_api) as rig:
+        texts = []
+        for i in range(3):
+            body, form = rig.sender.slash_body(f"echo {i}", user="U100", channel="C100")
+            assert (await rig.post(body, "application/x-www-form-urlencoded")).status == 200
+            task_id = await _accepted(rig, form["trigger_id"])
+            texts.append([c.args["text"] for c in rig.api.calls_of("chat.postMessage") if f"`{task_id}`" in c.args.get("text", "")][0])
+        assert "ahead in the queue" not in texts[0]
+        assert "1 task ahead in the queue" in texts[1]
+        assert "2 tasks ahead in the queue" in texts[2]
