@@ -216,14 +216,15 @@ class SlackTrigger:
         self._recent[(user, channel, text.strip())] = (time.monotonic(), task_id)
 
     async def queue_position(self, client: Client, task_id: str) -> int:
-        """How many tasks (this one included) are waiting for a worker; 0 when unknown."""
+        """How many other tasks are waiting for a worker (ahead of this one); 0 when unknown."""
         query = (
             f"WorkflowType = '{service.TASK_WORKFLOW}' AND ExecutionStatus = 'Running' "
-            f"AND TaskQueue = '{self.settings.task_queue}' AND ConveyorStage = '{Stage.received.value}'"
+            f"AND TaskQueue = '{self.settings.task_queue}' AND ConveyorStage = '{Stage.received.value}' "
+            f"AND WorkflowId != '{task_id}'"
         )
         try:
             count = await asyncio.wait_for(client.count_workflows(query), timeout=0.5)
-            return int(count.count)
+            return int(count.count)  # visibility is eventually consistent: this one may not be in it yet
         except Exception:  # search attributes missing, visibility lag: the position is a nicety
             return 0
 
@@ -239,10 +240,10 @@ class SlackTrigger:
         except SlackApiError as exc:
             log.warning("could not post an ephemeral message: %s", exc.response.get("error"))
 
-    def accepted_text(self, task_id: str, ui_url: str, position: int, user: str) -> str:
+    def accepted_text(self, task_id: str, ui_url: str, ahead: int, user: str) -> str:
         text = f":white_check_mark: <@{user}> accepted as task `{task_id}` · <{ui_url}|Temporal UI>"
-        if position > 1:
-            text += f"\n:hourglass: {position - 1} task{'s' if position > 2 else ''} ahead in the queue"
+        if ahead > 0:
+            text += f"\n:hourglass: {ahead} task{'s' if ahead > 1 else ''} ahead in the queue"
         text += f"\nProgress appears below. `/agent status {task_id}` any time."
         return text
 
@@ -406,8 +407,8 @@ def build_app(
             await respond(response_type="ephemeral", replace_original=False, text=f"Task `{task_id}` was already started; nothing new was started.")
             return
         trigger.remember(user.id, channel, cmd.text, task_id)
-        position = await trigger.queue_position(tc, task_id)
-        await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=trigger.accepted_text(task_id, result.ui_url, position, user.id))
+        ahead = await trigger.queue_position(tc, task_id)
+        await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=trigger.accepted_text(task_id, result.ui_url, ahead, user.id))
 
     app.command("/agent")(ack=ack_agent, lazy=[run_agent])
 
@@ -442,8 +443,8 @@ def build_app(
             result = await service.start_task(tc, request, settings)
             if not result.started:
                 return  # Slack retried a delivery whose task already runs: it already has its reply
-            position = await trigger.queue_position(tc, task_id)
-            await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=trigger.accepted_text(task_id, result.ui_url, position, user_id))
+            ahead = await trigger.queue_position(tc, task_id)
+            await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=trigger.accepted_text(task_id, result.ui_url, ahead, user_id))
         except Unavailable as exc:
             trigger._inflight.pop(task_id, None)  # let the user's retry (or Slack's) try again
             await trigger.ephemeral(client, channel, user_id, f":warning: Conveyor cannot reach Temporal right now, so nothing was started. Please retry in a minute. ({escape(str(exc))[:300]})", thread_ts)
