@@ -155,6 +155,13 @@ async def test_temporal_unreachable_starts_nothing_and_says_retry(rig: SlackRig,
     assert "retry" in said[0].args["text"] and said[0].args["response_type"] == "ephemeral"
     assert rig.api.calls_of("chat.postMessage") == []  # no thread root left behind
     assert await _workflow_ids(rig) == []
+    # a button click while Temporal is down: told to retry, the message keeps its buttons
+    value = json.dumps({"task_id": "cv-0123456789ab", "head_sha": "b" * 40})
+    click = await rig.click("conveyor_approve", value, user="U200", message_ts="1.000001")
+    assert click.status == 200 and click.elapsed_s < ACK_BUDGET_S
+    said = await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "approval was not sent" in c.args.get("text", "")])
+    assert said[0].args["response_type"] == "ephemeral"
+    assert rig.api.calls_of("chat.update") == []
 
 
 async def _to_review(rig: SlackRig, text: str = "echo hi >> README.md", user: str = "U100") -> tuple[str, dict]:
