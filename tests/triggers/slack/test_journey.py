@@ -4,10 +4,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-
-import pytest
 
 from conveyor.config import ConveyorConfig, RepoPolicy, Settings
 from conveyor.models import Stage
@@ -27,7 +26,7 @@ async def _wait_stage(client, task_id: str, stage: Stage, timeout: float = 60.0)
             return status
         if status.stage.value in {"failed", "agent_failed", "rejected", "no_changes", "too_large"}:
             break
-        await __import__("asyncio").sleep(0.1)
+        await asyncio.sleep(0.1)
     raise AssertionError(f"{task_id} is {status.stage if status else None} ({status.detail if status else ''}), expected {stage}")
 
 

@@ -3,12 +3,12 @@ Temporal dev server running the real AgentTaskWorkflow (stand-in code host and a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.parse
 
 import pytest
-from temporalio.client import WorkflowExecutionStatus
 
 from conveyor.models import Stage, TaskRequest
 from tests.emulators.slack_api import sign
@@ -70,7 +70,7 @@ async def _stage(rig: SlackRig, task_id: str, stage: Stage, timeout: float = 15)
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"{task_id} is {status.stage}, expected {stage}")
-        await __import__("asyncio").sleep(0.05)
+        await asyncio.sleep(0.05)
 
 
 async def test_slash_command_acks_fast_and_starts_exactly_once(rig: SlackRig) -> None:
@@ -82,7 +82,7 @@ async def test_slash_command_acks_fast_and_starts_exactly_once(rig: SlackRig) ->
     # The same delivery again (a retry, or a proxy's double submission): same trigger_id.
     again = await rig.post(body, "application/x-www-form-urlencoded", headers={"X-Slack-Retry-Num": "1"})
     assert again.status == 200
-    await __import__("asyncio").sleep(0.5)
+    await asyncio.sleep(0.5)
     assert await _workflow_ids(rig) == [task_id]
     assert len(_roots(rig)) == 1
     request = await _start_input(rig, task_id)
@@ -90,7 +90,6 @@ async def test_slash_command_acks_fast_and_starts_exactly_once(rig: SlackRig) ->
     assert request.repo.name == "web"  # the channel's default repo
     assert request.requester.principal == "slack:U100"
     assert request.origin.slack_channel == "C100"
-    assert request.origin.slack_thread_ts == _roots(rig)[0] and False or request.origin.slack_thread_ts
     root_ts = [m for m in rig.api.messages["C100"] if not m.get("thread_ts")][0]["ts"]
     assert request.origin.slack_thread_ts == root_ts
     reply = [c.args["text"] for c in rig.api.calls_of("chat.postMessage") if c.args.get("thread_ts") == root_ts and task_id in c.args.get("text", "")][0]
@@ -124,7 +123,7 @@ async def test_bad_commands_get_an_ephemeral_error_and_start_nothing(rig: SlackR
     body = resp.json()
     assert expect in body["text"], body
     assert body.get("response_type", "ephemeral") == "ephemeral"
-    await __import__("asyncio").sleep(0.3)
+    await asyncio.sleep(0.3)
     assert await _workflow_ids(rig) == []
     assert rig.api.calls_of("chat.postMessage") == []
 
@@ -248,7 +247,7 @@ async def test_reject_opens_a_modal_and_requires_a_reason(rig: SlackRig) -> None
     empty = await rig.submit_view(view, {"reason": {"reason": {"type": "plain_text_input", "value": "   "}}}, user="U200")
     assert empty.status == 200
     assert empty.json() == {"response_action": "errors", "errors": {"reason": "Please say why: the requester sees this reason."}}
-    await __import__("asyncio").sleep(0.3)
+    await asyncio.sleep(0.3)
     assert (await service.task_status(rig.client, task_id)).stage == Stage.awaiting_review
 
     done = await rig.submit_view(view, {"reason": {"reason": {"type": "plain_text_input", "value": "wrong file"}}}, user="U200")
@@ -267,13 +266,13 @@ async def test_mention_in_thread_carries_the_conversation_and_dedupes_retries(ri
     ts = rig.api.seed_message("C200", "<@UBOT> please fix it", "U100", thread_ts=root)
     event = {"type": "app_mention", "user": "U100", "text": "<@UBOT> fix the KeyError &amp; add a test", "ts": ts,
              "thread_ts": root, "channel": "C200", "event_ts": ts}
-    first = await __import__("asyncio").to_thread(rig.sender.event, event, "Ev0001")
+    first = await asyncio.to_thread(rig.sender.event, event, "Ev0001")
     assert first.status == 200 and first.elapsed_s < ACK_BUDGET_S
-    retry = await __import__("asyncio").to_thread(rig.sender.event, event, "Ev0001", 1)
+    retry = await asyncio.to_thread(rig.sender.event, event, "Ev0001", 1)
     assert retry.status == 200
     task_id = service.task_id_for("slack", f"C200:{ts}")
     await rig.api.await_for(lambda: [c for c in rig.api.calls_of("chat.postMessage") if task_id in c.args.get("text", "")])
-    await __import__("asyncio").sleep(0.3)
+    await asyncio.sleep(0.3)
     assert await _workflow_ids(rig) == [task_id]
     request = await _start_input(rig, task_id)
     assert request.text == "fix the KeyError & add a test"
@@ -293,7 +292,7 @@ async def test_mention_by_a_stranger_is_refused_ephemerally(rig: SlackRig) -> No
     assert resp.status == 200
     eph = await rig.api.await_for(lambda: rig.api.calls_of("chat.postEphemeral"))
     assert eph[0].args["user"] == "U999" and "may not start tasks" in eph[0].args["text"]
-    await __import__("asyncio").sleep(0.2)
+    await asyncio.sleep(0.2)
     assert await _workflow_ids(rig) == []
 
 
@@ -312,7 +311,7 @@ async def test_status_and_list(rig: SlackRig) -> None:
         text = rig.api.calls_of("response_url")[-1].args["text"]
         if task_id in text or time.monotonic() > deadline:
             break
-        await __import__("asyncio").sleep(0.3)
+        await asyncio.sleep(0.3)
     assert task_id in text and "awaiting review" in text
     await rig.slash("list", user="U200")
     await rig.api.await_for(lambda: "no Conveyor tasks" in rig.api.calls_of("response_url")[-1].args.get("text", ""))
@@ -334,7 +333,7 @@ async def test_stale_head_is_refused_and_the_revert_button_reverts(rig: SlackRig
     await _stage(rig, task_id, Stage.reverted)
     # a second click (double submission) is harmless: one revert
     await rig.click("conveyor_revert", revert_value, user="U200", message_ts=merged["ts"], message=merged)
-    await __import__("asyncio").sleep(0.5)
+    await asyncio.sleep(0.5)
     assert len([1 for name, _ in rig.standins.calls if name == "revert_change"]) == 1
 
 
