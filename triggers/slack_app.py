@@ -533,8 +533,10 @@ def build_app(
         except (ServiceError, ValueError) as exc:
             await respond(response_type="ephemeral", replace_original=False, text=f":x: {escape(str(exc))}")
             return
+        message = body.get("message") or {}
         meta = {"task_id": task_id, "head_sha": head_sha, "channel": channel,
-                "message_ts": body.get("container", {}).get("message_ts", "")}
+                "message_ts": body.get("container", {}).get("message_ts", "") or message.get("ts", ""),
+                "thread_ts": message.get("thread_ts", "") or body.get("container", {}).get("thread_ts", "")}
         await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(task_id, json.dumps(meta)))
 
     async def ack_reject_view(ack, view: dict[str, Any]) -> None:
@@ -565,7 +567,8 @@ def build_app(
             await trigger.ephemeral(client, channel, user.id, f":x: {escape(str(exc))}")
             return
         if meta.get("message_ts"):
-            await _mark_decided(client, channel, None, decision_line("reject", user.principal, reason), ts=meta["message_ts"])
+            await _mark_decided(client, channel, None, decision_line("reject", user.principal, reason), ts=meta["message_ts"],
+                                thread_ts=meta.get("thread_ts", ""))
 
     async def on_revert_click(body: dict[str, Any], action: dict[str, Any], client: AsyncWebClient, respond) -> None:
         user = identity_from(body["user"])
@@ -646,7 +649,8 @@ async def _quiet_delete(client: AsyncWebClient, channel: str, ts: str) -> None:
         log.warning("could not delete message %s: %s", ts, exc)
 
 
-async def _mark_decided(client: AsyncWebClient, channel: str, body: dict[str, Any] | None, line: str, ts: str = "") -> None:
+async def _mark_decided(client: AsyncWebClient, channel: str, body: dict[str, Any] | None, line: str, ts: str = "",
+                        thread_ts: str = "") -> None:
     """The review message shows who decided and loses its buttons at once (the notifier repeats
     this durably when the workflow reports the outcome)."""
     message = (body or {}).get("message") or {}
@@ -656,12 +660,15 @@ async def _mark_decided(client: AsyncWebClient, channel: str, body: dict[str, An
     blocks = message.get("blocks")
     if blocks is None:
         try:
-            resp = await client.conversations_replies(channel=channel, ts=ts, limit=1)
+            # the review message is a thread reply: read its thread and pick it out
+            resp = await client.conversations_replies(channel=channel, ts=thread_ts or ts, limit=200)
             for msg in resp.get("messages", []):
                 if msg.get("ts") == ts:
                     blocks = msg.get("blocks") or []
         except SlackApiError:
-            blocks = []
+            pass
+        if blocks is None:
+            return  # never replace a review message we cannot read; the notifier updates it later
     with _suppress_slack():
         await client.chat_update(channel=channel, ts=ts, text=line, blocks=decided_blocks(blocks or [], line))
 
@@ -683,15 +690,12 @@ async def _conversation(client: AsyncWebClient, channel: str, thread_ts: str, up
         log.warning("conversations.replies failed: %s", exc.response.get("error"))
         return []
     out: list[str] = []
-    total = 0
     for msg in resp.get("messages", []):
         if msg.get("ts") == upto_ts:
             break
         if msg.get("bot_id") or msg.get("user") == bot_user_id:
             continue  # our own progress messages are not context
-        line = f"<@{msg.get('user', '?')}>: {slack_unescape(msg.get('text', ''))}"
-        total += len(line)
-        out.append(line)
+        out.append(f"<@{msg.get('user', '?')}>: {slack_unescape(msg.get('text', ''))}")
     out = out[-MAX_CONVERSATION_MESSAGES:]
     while out and sum(map(len, out)) > MAX_CONVERSATION_CHARS:
         out.pop(0)  # keep the newest messages

@@ -416,6 +416,10 @@ class SlackWebAPI:
         channel, ts = args.get("channel", ""), args.get("ts", "")
         if channel not in self.messages:
             return {"ok": False, "error": "channel_not_found"}
+        # Like Slack, the ts of a reply names its whole thread (parent first).
+        named = next((m for m in self.messages[channel] if m["ts"] == ts), None)
+        if named is not None and named.get("thread_ts"):
+            ts = named["thread_ts"]
         thread = [m for m in self.messages[channel] if m["ts"] == ts or m.get("thread_ts") == ts]
         if not thread:
             return {"ok": False, "error": "thread_not_found"}

@@ -257,6 +257,7 @@ async def test_reject_opens_a_modal_and_requires_a_reason(rig: SlackRig) -> None
     assert closed and "wrong file" in closed[0].reason
     decided = await rig.api.await_for(lambda: (m := rig.api.message("C100", review["ts"])) and not _buttons(m) and m)
     assert "Rejected by <@U200>: wrong file" in json.dumps(decided["blocks"])
+    assert "Appended a line to README.md" in json.dumps(decided["blocks"])  # what was reviewed stays readable
     await rig.api.await_for(lambda: (p := _progress(rig, task_id)) and "Rejected" in json.dumps(p["blocks"]))
 
 
