@@ -537,7 +537,11 @@ def build_app(
         meta = {"task_id": task_id, "head_sha": head_sha, "channel": channel,
                 "message_ts": body.get("container", {}).get("message_ts", "") or message.get("ts", ""),
                 "thread_ts": message.get("thread_ts", "") or body.get("container", {}).get("thread_ts", "")}
-        await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(task_id, json.dumps(meta)))
+        try:
+            await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(task_id, json.dumps(meta)))
+        except SlackApiError as exc:  # expired_trigger_id: Slack allows 3 s between the click and the modal
+            await respond(response_type="ephemeral", replace_original=False,
+                          text=f":warning: Slack did not open the reason dialog ({exc.response.get('error')}); please click Reject again.")
 
     async def ack_reject_view(ack, view: dict[str, Any]) -> None:
         reason = _reason_of(view)

@@ -240,6 +240,9 @@ async def test_reject_opens_a_modal_and_requires_a_reason(rig: SlackRig) -> None
     await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "not allowed" in c.args.get("text", "")])
     assert rig.api.views == []
 
+    rig.api.fail_next("views.open", "expired_trigger_id")
+    await rig.click("conveyor_reject", value, user="U200", user_name="bob", message_ts=review["ts"], message=review)
+    await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "click Reject again" in c.args.get("text", "")])
     click = await rig.click("conveyor_reject", value, user="U200", user_name="bob", message_ts=review["ts"], message=review)
     assert click.status == 200
     view = await rig.api.await_for(lambda: rig.api.views and rig.api.views[-1], what="views.open")
