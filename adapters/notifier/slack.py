@@ -8,6 +8,7 @@ message an earlier attempt created (conversations.replies) and updates it instea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVENT = "conveyor_progress"
 REVIEW_EVENT = "conveyor_review"
+NOTE_EVENT = "conveyor_note"
 ACTIONS_BLOCK = "conveyor_actions"
 APPROVE_ACTION = "conveyor_approve"
 REJECT_ACTION = "conveyor_reject"
@@ -301,12 +303,17 @@ class SlackNotifier:
                 refs["slack_review_head"] = head
             elif notice.kind in ("merged", "rejected", "failed", "reverted") and refs.get(REF_REVIEW):
                 self._close_review(channel, thread_ts, refs[REF_REVIEW], notice)
-            elif notice.kind in ("info", "refused"):
-                self._post(channel, thread_ts, escape(notice.text) or notice.kind, None, None)
-            if notice.kind == "reverted" and notice.text and not refs.get("slack_reverted_posted"):
-                # The thread gets the revert commit's link as its own message (people get notified).
-                self._post(channel, thread_ts, f":rewind: {escape(notice.text)}", None, None)
-                refs["slack_reverted_posted"] = "1"
+            if notice.kind in ("info", "refused") or (notice.kind == "reverted" and notice.text):
+                # Its own thread message (people get notified): the revert commit's link, a refusal.
+                # Keyed by content so a retried activity finds the first attempt's message.
+                prefix = ":rewind: " if notice.kind == "reverted" else ""
+                text = prefix + (escape(notice.text) or notice.kind)
+                key = hashlib.sha256(f"{notice.kind}\0{notice.text}".encode()).hexdigest()[:16]
+                if f"slack_note_{key}" not in refs:
+                    refs[f"slack_note_{key}"] = self._upsert(
+                        channel, thread_ts, "", NOTE_EVENT, notice.task_id, key, text,
+                        [{"type": "section", "text": {"type": "mrkdwn", "text": _clip(text)}}],
+                    )
         except SlackApiError as exc:
             error = str(exc.response.get("error", "")) if exc.response is not None else ""
             raise SlackNotifyError(f"Slack refused the notice for {notice.task_id}: {error or exc}", retryable=error not in _PERMANENT) from exc

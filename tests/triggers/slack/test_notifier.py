@@ -153,4 +153,16 @@ def test_rejected_and_reverted(api: SlackWebAPI, notifier: SlackNotifier) -> Non
     thread_texts = [m["text"] for m in api.thread("C1", root)]
     assert any("http://code.test/commit/ddd" in t for t in thread_texts)
     notifier.notify(_notice(api, "reverted", Stage.reverted, refs, root=root, text="Reverted by bob: http://code.test/commit/ddd"))
+    # a retry that lost the refs finds the message by its metadata instead of posting again
+    notifier.notify(_notice(api, "reverted", Stage.reverted, {}, root=root, text="Reverted by bob: http://code.test/commit/ddd"))
     assert sum("http://code.test/commit/ddd" in m["text"] for m in api.thread("C1", root)) == 1
+
+
+def test_info_notices_post_once(api: SlackWebAPI, notifier: SlackNotifier) -> None:
+    root = _root(api)
+    notice = _notice(api, "info", Stage.no_changes, root=root, text="The agent made no changes; nothing was opened.")
+    refs = notifier.notify(notice)
+    notifier.notify(notice)  # retried with the same (old) refs
+    notifier.notify(notice.model_copy(update={"refs": refs}))
+    notes = [m for m in api.thread("C1", root) if "made no changes" in m["text"]]
+    assert len(notes) == 1
