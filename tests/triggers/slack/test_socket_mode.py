@@ -47,3 +47,33 @@ async def test_socket_mode_starts_a_task_without_a_public_url(temporal_env, slac
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         socket.stop()
+
+
+async def test_run_slack_serves_http_when_there_is_no_app_token(temporal_env, slack_api: SlackWebAPI, tmp_path: Path) -> None:
+    import json
+    import socket as sockets
+
+    from tests.emulators.slack_api import SlackSender
+    from tests.triggers.slack.conftest import SIGNING_SECRET
+
+    with sockets.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(task_queue=f"http-{uuid.uuid4().hex[:8]}", home=tmp_path)
+    task = asyncio.create_task(run_slack(settings, repo_config(), temporal_env.client, port=port, host="127.0.0.1"))
+    try:
+        sender = SlackSender(f"http://127.0.0.1:{port}/slack/events", SIGNING_SECRET, slack_api)
+        body = json.dumps({"type": "url_verification", "challenge": "c-123"})
+        for _ in range(50):  # until the server is up
+            try:
+                resp = await asyncio.to_thread(sender.post, body, "application/json")
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        assert resp.status == 200 and resp.json() == {"challenge": "c-123"}
+        assert slack_api.calls_of("apps.connections.open") == []  # HTTP mode does not dial out
+        bad = await asyncio.to_thread(sender.post, body, "application/json", None, "v0=bad")
+        assert bad.status == 401
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
