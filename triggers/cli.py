@@ -260,9 +260,10 @@ async def cmd_up(args, settings: Settings) -> int:
         print(f"Temporal UI     {settings.ui_base}")
         print("worker running; Ctrl-C stops everything", flush=True)
         extras = []
-        if settings.slack().bot_token:
-            from triggers.slack_app import run_slack
+        from triggers.slack_app import run_slack, slack_configured
 
+        if slack_configured(settings):
+            print("Slack app running", flush=True)
             extras.append(asyncio.create_task(run_slack(settings, load_config(settings), client)))
         await run_worker(settings, client, stop)
         for task in extras:
