@@ -319,15 +319,9 @@ class TaskResult(BaseModel):
     refs: dict[str, str] = Field(default_factory=dict)
 
 
-class RevertRequest(BaseModel):
+class RevertRequest(RevertInput):
     """Input of RevertTaskWorkflow: revert a task whose workflow has already closed."""
 
-    task_id: str
-    repo: RepoPolicy
-    base: str
-    merge_sha: str
-    change: ChangeRequest | None = None
-    decision: Decision
     original: TaskStatus | None = None
     """The task's final status, so the revert's status continues its audit trail."""
     requester: Identity | None = None

@@ -144,3 +144,13 @@ async def test_revert_after_close_lands(client, settings, policy, bare_repo):
     assert status.stage == Stage.reverted
     assert git(bare_repo, "rev-parse", "main") == status.revert_sha
     assert git(bare_repo, "show", "main:app/config.py").endswith("RETRIES = 1")
+
+
+async def test_change_over_the_scope_cap_is_too_large(client, settings, policy, bare_repo):
+    policy.max_files_changed = 1
+    async with running_worker(client, settings):
+        task_id = await start(client, settings, policy, "echo a > one.txt && echo b > two.txt")
+        status = await wait_stage(client, task_id, Stage.too_large)
+    assert "2 files" in status.detail and "Split the task" in status.detail
+    assert "conveyor/" not in git(bare_repo, "branch", "--list")
+    assert not (settings.home / "changes").exists() or not list((settings.home / "changes").rglob("*.json"))
