@@ -15,7 +15,7 @@ from adapters.agents import UnknownAgent, get_agent
 from adapters.agents.base import AgentTask
 from adapters.patch import PatchRejected, validate_patch
 from adapters.sandbox import get_sandbox
-from adapters.sandbox.base import Outcome, SandboxError, SandboxJob, SandboxSpec
+from adapters.sandbox.base import Outcome, SandboxError, SandboxJob
 from adapters.sandbox.model_proxy import ENDPOINTS, sandbox_base_url
 from conveyor.models import AgentOutcome, AgentRunInput, AgentRunResult
 
@@ -94,19 +94,16 @@ class AgentActivities:
                 invocation = agent.invocation(task)
             except ValueError as exc:  # e.g. a model agent on a repo whose policy lists no model key
                 raise ApplicationError(str(exc), type="AgentConfig", non_retryable=True) from None
-            spec = SandboxSpec.from_policy(
-                policy, workspace, invocation.argv, inputs=invocation.inputs, outbox=True
+            job = SandboxJob.from_policy(
+                policy,
+                workspace,
+                start_sha,
+                invocation.argv,
+                max_patch_bytes=inp.repo.max_patch_bytes,
+                env={**policy.env, **invocation.env},
+                inputs=invocation.inputs,
+                outbox=True,
             )
-            spec.env.update(invocation.env)
-            setup = None
-            if policy.setup_command:
-                setup = SandboxSpec.from_policy(
-                    policy,
-                    workspace,
-                    ["/bin/sh", "-c", policy.setup_command],
-                    allow_domains=sorted(set(policy.allow_domains) | set(policy.setup_allow_domains)),
-                )
-            job = SandboxJob(base_sha=start_sha, agent=spec, setup=setup, max_patch_bytes=inp.repo.max_patch_bytes)
             started = time.monotonic()
             try:
                 result = await self._with_heartbeats(sandbox.run_job(job, heartbeat=lambda: None))
@@ -146,6 +143,7 @@ class AgentActivities:
         report = agent.report(result.agent)
         transcript = store.put(report.transcript.encode("utf-8", "replace"))
         common = dict(
+            agent=inp.agent,
             exit_code=result.agent.exit_code,
             transcript=transcript,
             summary=report.summary[:4000],

@@ -96,7 +96,7 @@ class ChangeActivities:
                 run.summary.strip()[:SUMMARY_CHARS] or "(no summary)",
                 "",
                 "## Run",
-                f"Agent `{inp.repo.agent}`: {run.duration_s:.1f} s{turns}{cost}; sandbox {run.sandbox_id or 'local'}.",
+                f"Agent `{run.agent or inp.repo.agent}`: {run.duration_s:.1f} s{turns}{cost}; sandbox {run.sandbox_id or 'local'}.",
                 f"Tests: {inp.repo.test_command or 'no test command configured'}",
                 "",
                 "## Changes",

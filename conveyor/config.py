@@ -51,6 +51,17 @@ class SandboxPolicy(BaseModel):
     output_cap_bytes: int = 8 * 1024 * 1024
     image: str = ""
     """Modal image reference for this repo's profile (ignored by the local backend)."""
+    tool_paths: list[str] = Field(default_factory=list)
+    """Host directories bound read-only into the local sandbox, for agent CLIs installed outside
+    /usr (e.g. /opt/claude). Never a home directory or anything holding credentials."""
+
+    @field_validator("tool_paths")
+    @classmethod
+    def _tool_paths_ok(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not path.startswith("/") or path.rstrip("/") in ("", "/root", "/home", "/etc", "/proc", "/sys"):
+                raise ValueError(f"tool path {path!r} must be an absolute directory other than /, /etc, /root or /home")
+        return paths
 
     @field_validator("allow_domains", "setup_allow_domains")
     @classmethod

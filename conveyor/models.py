@@ -168,6 +168,7 @@ class AgentOutcome(str, Enum):
 
 class AgentRunResult(BaseModel):
     outcome: AgentOutcome
+    agent: str = ""
     exit_code: int | None = None
     detail: str = ""
     patch: ArtifactRef | None = None

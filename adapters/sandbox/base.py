@@ -65,6 +65,7 @@ class SandboxSpec(BaseModel):
             output_cap_bytes=policy.output_cap_bytes,
             secrets=list(policy.secrets),
             image=policy.image,
+            read_only_paths=[Path(p) for p in policy.tool_paths],
         )
         values.update(overrides)
         return cls(**values)
