@@ -107,7 +107,8 @@ class LocalGitCodeHost:
         shutil.rmtree(dest / ".git", ignore_errors=True)
         if (dest / ".git").exists() or (dest / ".git").is_symlink():
             (dest / ".git").unlink()
-        run_git("init", "-q", str(dest))
+        run_git("init", "-q", "--template=", str(dest))  # no sample hooks to copy
+        (dest / ".git" / "hooks").mkdir(exist_ok=True)  # the sandbox mounts it read-only
         # Fetch just what the agent needs (recent history) by sha, from the trusted origin.
         upload_pack = "git -c uploadpack.allowAnySHA1InWant=true upload-pack"
         run_git("fetch", "-q", "--no-tags", "--depth=50", f"--upload-pack={upload_pack}", f"file://{gd}", sha, cwd=dest)
