@@ -38,6 +38,11 @@ def branch_name(task_id: str, text: str) -> str:
     return f"conveyor/{task_id}-{slug(text)}"
 
 
+def headline(summary: str) -> str:
+    """The first line of prose in a (markdown) summary."""
+    return next((ln.strip() for ln in summary.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
+
+
 def one_line(text: str, limit: int = TITLE_CHARS) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
@@ -126,7 +131,9 @@ class ChangeActivities:
         transcript = self.deps.store.get(inp.run.transcript).decode("utf-8", "replace") if inp.run.transcript else ""
         request = PublishRequest(
             task_id=inp.task_id,
-            branch=inp.follow_up_branch or branch_name(inp.task_id, inp.text),
+            # Named after what the agent says it did (a command agent's text is a shell line);
+            # slug() keeps only [a-z0-9-], and the task id keeps it unique and idempotent.
+            branch=inp.follow_up_branch or branch_name(inp.task_id, headline(inp.run.summary) or inp.text),
             base=inp.base,
             base_sha=inp.base_sha,
             patch=patch,
