@@ -293,8 +293,15 @@ async def cmd_demo(args, settings: Settings) -> int:
     return code
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line too (`conveyor reject: the following arguments are required: --reason`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="conveyor", description="Run coding agents as team infrastructure.")
+    parser = OneLineParser(prog="conveyor", description="Run coding agents as team infrastructure.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="embedded Temporal server + UI + worker (Ctrl-C stops)").set_defaults(func=cmd_up)
     sub.add_parser("worker", help="a worker (TEMPORAL_ADDRESS etc. via temporalio.envconfig)").set_defaults(func=cmd_worker)
