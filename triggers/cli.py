@@ -364,5 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """Process entry point (`conveyor`, `python -m triggers.cli`). Skips interpreter teardown:
+    the Temporal client's Rust threads can abort a finalizing interpreter (SIGABRT, "PyGILState_Release",
+    temporalio/sdk-python#300), which would turn a finished command into a crash and lose its exit code."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
