@@ -116,3 +116,20 @@ async def test_repo_path_vanished_fails_clearly(client, settings, tmp_path):
         task_id = await start(client, settings, policy, "true")
         status = await wait_stage(client, task_id, Stage.failed, timeout=15)
     assert "does not exist" in status.detail
+
+
+async def test_odd_but_legal_file_names_reach_review(client, settings, policy, bare_repo):
+    # spaces, unicode, a leading dash, quotes and a tab: git quotes or tab-terminates these names
+    text = (
+        "mkdir -p 'docs/release notes' && echo a > 'docs/release notes/v 1.md' && echo b > 'docs/héllo wörld.md' "
+        "&& echo c > ./-dash.txt && printf d > \"docs/q'uo\\\"te\\ttab.txt\""
+    )
+    async with running_worker(client, settings):
+        task_id = await start(client, settings, policy, text)
+        status = await wait_stage(client, task_id, Stage.awaiting_review, Stage.failed, Stage.agent_failed)
+        assert status.stage == Stage.awaiting_review, status.detail
+        await service.signal_task(client, task_id, "approve", decision("carol"))
+        status = await wait_stage(client, task_id, Stage.merged)
+    names = git(bare_repo, "-c", "core.quotePath=false", "ls-tree", "-r", "--name-only", "main").splitlines()
+    assert {"docs/release notes/v 1.md", "docs/héllo wörld.md", "-dash.txt"} <= set(names)
+    assert any(n.startswith('"docs/q') or n.startswith("docs/q'uo") for n in names), names
