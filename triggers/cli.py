@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if isinstance(getattr(args, "task_id", None), str):
+            # a typo'd id is refused before any server is contacted (or an embedded one started)
+            args.task_id = service.check_task_id(args.task_id)
         settings = Settings()
         takes_settings = args.func.__code__.co_argcount >= 2  # plugin handlers take (args) only
         result = args.func(args, settings) if takes_settings else args.func(args)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,13 @@ def cli(temporal_env, settings):
     env.pop("CONVEYOR_CONFIG", None)
     env.pop("TEMPORAL_ADDRESS", None)
 
-    async def run(*args: str, config: Path | None = None, timeout: float = 60) -> Result:
+    async def run(*args: str, config: Path | None = None, no_server: bool = False, timeout: float = 60) -> Result:
         proc_env = {**env, "CONVEYOR_CONFIG": str(config)} if config else env
+        if no_server:  # no address: the CLI would start an embedded server if it got that far
+            proc_env = {k: v for k, v in proc_env.items() if k != "CONVEYOR_TEMPORAL_ADDRESS"}
+            with socket.socket() as sock:  # a port nothing listens on
+                sock.bind(("127.0.0.1", 0))
+                proc_env["CONVEYOR_TEMPORAL_PORT"] = str(sock.getsockname()[1])
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "triggers.cli", *args, cwd=ROOT, env=proc_env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -119,13 +125,14 @@ async def test_errors_are_one_line(cli, client, settings, bare_repo, tmp_path):
     empty, unknown_repo, bad_id, unknown_id, bad_config = await asyncio.gather(
         cli("run", "--repo", str(bare_repo), "   "),
         cli("run", "--repo", "nosuchrepo", "true", config=config),
-        cli("status", "nope"),
+        cli("status", "nope", no_server=True),  # checked before any server is contacted or started
         cli("approve", "cv-000000000000"),
         cli("run", "--repo", "demo", "true", config=tmp_path / "missing.toml"),
     )
     one_line_error(empty, "empty")
     one_line_error(unknown_repo, "unknown repository 'nosuchrepo'", "known: demo")
     one_line_error(bad_id, "'nope' is not a Conveyor task id")
+    assert not (settings.home / "temporal.db").exists()
     one_line_error(unknown_id, "no task cv-000000000000")
     one_line_error(bad_config, "CONVEYOR_CONFIG")
     config.write_text('[repos.demo]\nurl = "x"\nmax_turns = "lots"\n')
