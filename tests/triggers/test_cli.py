@@ -111,7 +111,8 @@ async def test_review_commands(cli, client, settings, bare_repo):
         reverted = await cli("revert", task_id, "--reason", "broke uploads")
         assert reverted.code == 0 and f"{task_id}: reverted" in reverted.out, reverted
         assert git(bare_repo, "show", "main:app/config.py").endswith("RETRIES = 1")
-        listing, human = await asyncio.gather(cli("list", "--json"), cli("status", task_id))
+        listing, human, late = await asyncio.gather(cli("list", "--json"), cli("status", task_id), cli("approve", third_id))
+    one_line_error(late, f"task {third_id} is already finished")
     stages = {t["task_id"]: t["stage"] for t in listing.json()}
     assert stages[second_id] == "rejected" and stages[third_id] == "cancelled"
     assert stages[task_id] in ("merged", "reverted")  # visibility may lag the revert by a moment
