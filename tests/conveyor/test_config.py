@@ -205,3 +205,11 @@ def test_name_key_cannot_override_the_table_name():
     with pytest.raises(ConfigError) as err:
         parse_config('[repos.web]\nurl = "/x"\nname = "prod"\n')
     assert "repos.web.name (line 3)" in str(err.value)
+
+
+def test_quoted_repo_name_line_numbers():
+    text = '[repos."acme.web"]\nurl = "/x"\n\n[repos."acme.web".sandbox]\npids = "many"\n'
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert 'repos.acme.web.sandbox.pids (line 5)' in str(err.value)
+    assert parse_config('[repos."acme.web"]\nurl = "/x"\n').repo("acme.web").url == "/x"
