@@ -212,6 +212,8 @@ def test_checkout_into_warm_dir_gets_a_fresh_git(host, repo, origin, tmp_path):
     # What a previous run's agent could leave behind.
     marker = tmp_path / "hook-ran"
     hook = dest / ".git" / "hooks" / "post-checkout"
+    for sub in ("hooks", "info"):  # the workspace's git dir is made without templates
+        (dest / ".git" / sub).mkdir(exist_ok=True)
     hook.write_text(f"#!/bin/sh\ntouch {marker}\n")
     hook.chmod(0o755)
     (dest / ".git" / "info" / "planted").write_text("x")
