@@ -71,6 +71,21 @@ def _strip_prefix(path: str, prefix: str) -> str:
     return path[len(prefix) :]
 
 
+def _header_names(line: str) -> tuple[str, str]:
+    """The two names of `diff --git A B`. Unquoted names may contain spaces; git then writes the
+    same name twice (`a/x y b/x y`), which is the only form accepted with spaces (a rename with
+    spaces in an unquoted name is ambiguous and refused)."""
+    match = _HEADER.match(line)
+    if match:
+        return match.group(1), match.group(2)
+    rest = line[len("diff --git ") :]
+    half = (len(rest) - 1) // 2
+    if len(rest) % 2 == 1 and rest[half] == " " and rest.startswith("a/") and rest[half + 1 :].startswith("b/"):
+        if rest[2:half] == rest[half + 3 :]:
+            return rest[:half], rest[half + 1 :]
+    raise PatchRejected(f"malformed diff header: {line[:200]!r}")
+
+
 def validate_patch(patch: bytes, max_bytes: int, max_files: int | None = None) -> PatchStats:
     if len(patch) > max_bytes:
         raise PatchRejected(f"patch is {len(patch):,} bytes; the limit is {max_bytes:,}")
@@ -82,11 +97,9 @@ def validate_patch(patch: bytes, max_bytes: int, max_files: int | None = None) -
     in_hunk = False
     for line in text.split("\n"):
         if line.startswith("diff --git "):
-            match = _HEADER.match(line)
-            if not match:
-                raise PatchRejected(f"malformed diff header: {line[:200]!r}")
-            a = check_path(_strip_prefix(_unquote(match.group(1)), "a/"))
-            b = check_path(_strip_prefix(_unquote(match.group(2)), "b/"))
+            a_tok, b_tok = _header_names(line)
+            a = check_path(_strip_prefix(_unquote(a_tok), "a/"))
+            b = check_path(_strip_prefix(_unquote(b_tok), "b/"))
             current = b or a
             stats.files.append(current)
             in_hunk = False
@@ -111,7 +124,8 @@ def validate_patch(patch: bytes, max_bytes: int, max_files: int | None = None) -
             if line.startswith(key):
                 check_path(_unquote(line[len(key) :]))
         if line.startswith("--- ") or line.startswith("+++ "):
-            token = line[4:]
+            # git ends a name that contains a space with a tab (for GNU patch); it is not part of the name
+            token = line[4:].removesuffix("\t")
             if token != "/dev/null":
                 check_path(_strip_prefix(_unquote(token), "a/" if line[0] == "-" else "b/"))
         if re.match(r"^(new file mode|new mode|index [0-9a-f]+\.\.[0-9a-f]+) 160000", line):

@@ -315,8 +315,12 @@ def parse_config(text: str, source: Path | None = None) -> ConveyorConfig:
     for name, table in (data.get("repos") or {}).items():
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: repos.{name} must be a table")
+        if "name" in table:
+            raise ConfigError(f"{where}: repos.{name}.name (line {_line_of(text, name, 'name')}): the name is the table's, remove the key")
         try:
-            repos[name] = RepoPolicy(name=name, **table)
+            # strict: TOML has real types, so `approver_must_differ = "yes"` or `max_turns = "5"` is a
+            # mistake to report, not a string for pydantic to coerce.
+            repos[name] = RepoPolicy.model_validate({**table, "name": name}, strict=True)
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = [str(p) for p in err["loc"]]

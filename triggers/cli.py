@@ -293,8 +293,15 @@ async def cmd_demo(args, settings: Settings) -> int:
     return code
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line too (`conveyor reject: the following arguments are required: --reason`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="conveyor", description="Run coding agents as team infrastructure.")
+    parser = OneLineParser(prog="conveyor", description="Run coding agents as team infrastructure.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="embedded Temporal server + UI + worker (Ctrl-C stops)").set_defaults(func=cmd_up)
     sub.add_parser("worker", help="a worker (TEMPORAL_ADDRESS etc. via temporalio.envconfig)").set_defaults(func=cmd_worker)
@@ -339,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if isinstance(getattr(args, "task_id", None), str):
+            # a typo'd id is refused before any server is contacted (or an embedded one started)
+            args.task_id = service.check_task_id(args.task_id)
         settings = Settings()
         takes_settings = args.func.__code__.co_argcount >= 2  # plugin handlers take (args) only
         result = args.func(args, settings) if takes_settings else args.func(args)
@@ -357,5 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """Process entry point (`conveyor`, `python -m triggers.cli`). Skips interpreter teardown:
+    the Temporal client's Rust threads can abort a finalizing interpreter (SIGABRT, "PyGILState_Release",
+    temporalio/sdk-python#300), which would turn a finished command into a crash and lose its exit code."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -235,6 +235,11 @@ class LocalGitCodeHost:
             else:
                 run_git("update-ref", f"refs/heads/{base}", new, old, git_dir=gd)
         except GitError as exc:
+            if checked_out and "would be overwritten" in exc.stderr:
+                # untracked files in the working tree are in the way: retrying cannot help
+                raise CodeHostError(
+                    f"{origin}: files in the working tree are in the way of the merge ({exc.stderr.strip()[:300]})", retryable=False
+                ) from None
             raise CodeHostError(f"{base} moved while landing; retrying ({exc.stderr.strip()[:200]})") from None
 
     def merge(self, repo: RepoPolicy, change: ChangeRequest, approved_head: str, message: str) -> MergeResult:
