@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import uuid
 
 import pytest
 
@@ -66,7 +67,7 @@ async def test_no_changes_opens_nothing(client, settings, policy, bare_repo):
 
 
 async def test_cancel_while_running_kills_the_sandbox(client, settings, policy, bare_repo):
-    marker = "conveyor-cancel-marker-7f3a"
+    marker = f"conveyor-cancel-marker-{uuid.uuid4().hex[:12]}"
     async with running_worker(client, settings):
         task_id = await start(client, settings, policy, f"sleep 30 # {marker}")
         await wait_stage(client, task_id, Stage.running)
