@@ -490,49 +490,52 @@ def build_app(
 
     # ---------------- review buttons ----------------
 
-    async def on_approve(body: dict[str, Any], action: dict[str, Any], client: AsyncWebClient, respond) -> None:
+    async def clicked(body: dict[str, Any], action: dict[str, Any], respond, role: str, what: str):
+        """Who clicked a review button, on which task: (user, channel, task_id, head_sha, temporal
+        client, status), or None after telling the clicker why nothing happens."""
         user = identity_from(body["user"])
         channel = (body.get("channel") or {}).get("id") or body["container"].get("channel_id", "")
         try:
             task_id, head_sha = parse_button_value(action.get("value", ""))
             tc = await trigger.client()
             status = await service.task_status(tc, task_id)
-            if why := trigger.check_decider(status, user, "approvers"):
-                await respond(response_type="ephemeral", replace_original=False, text=f":no_entry: {why}")
-                return
-            if status.stage != Stage.awaiting_review:
-                await respond(response_type="ephemeral", replace_original=False,
-                              text=f"Task `{task_id}` is {status.stage.value.replace('_', ' ')}, not awaiting review; nothing was sent.")
-                return
-            if head_sha and status.head_sha and head_sha != status.head_sha:
-                await respond(response_type="ephemeral", replace_original=False,
-                              text=f"The change moved since this message (now `{status.head_sha[:12]}`); review the new head. Nothing was sent.")
-                return
+        except Unavailable as exc:
+            await respond(response_type="ephemeral", replace_original=False, text=f":warning: Temporal is unreachable; your {what} was not sent. Please retry. ({escape(str(exc))[:200]})")
+            return None
+        except (ServiceError, ValueError) as exc:
+            await respond(response_type="ephemeral", replace_original=False, text=f":x: {escape(str(exc))}")
+            return None
+        if why := trigger.check_decider(status, user, role):
+            await respond(response_type="ephemeral", replace_original=False, text=f":no_entry: {why}")
+            return None
+        return user, channel, task_id, head_sha, tc, status
+
+    async def on_approve(body: dict[str, Any], action: dict[str, Any], client: AsyncWebClient, respond) -> None:
+        if (click := await clicked(body, action, respond, "approvers", "approval")) is None:
+            return
+        user, channel, task_id, head_sha, tc, status = click
+        if status.stage != Stage.awaiting_review:
+            await respond(response_type="ephemeral", replace_original=False,
+                          text=f"Task `{task_id}` is {status.stage.value.replace('_', ' ')}, not awaiting review; nothing was sent.")
+            return
+        if head_sha and status.head_sha and head_sha != status.head_sha:
+            await respond(response_type="ephemeral", replace_original=False,
+                          text=f"The change moved since this message (now `{status.head_sha[:12]}`); review the new head. Nothing was sent.")
+            return
+        try:
             await service.signal_task(tc, task_id, "approve", Decision(by=user, via=f"slack:{channel}", head_sha=head_sha))
         except Unavailable as exc:
             await respond(response_type="ephemeral", replace_original=False, text=f":warning: Temporal is unreachable; your approval was not sent. Please retry. ({escape(str(exc))[:200]})")
             return
-        except (ServiceError, ValueError) as exc:
+        except ServiceError as exc:
             await respond(response_type="ephemeral", replace_original=False, text=f":x: {escape(str(exc))}")
             return
         await _mark_decided(client, channel, body, decision_line("approve", user.principal))
 
     async def on_reject_click(body: dict[str, Any], action: dict[str, Any], client: AsyncWebClient, respond) -> None:
-        user = identity_from(body["user"])
-        channel = (body.get("channel") or {}).get("id") or body["container"].get("channel_id", "")
-        try:
-            task_id, head_sha = parse_button_value(action.get("value", ""))
-            tc = await trigger.client()
-            status = await service.task_status(tc, task_id)
-            if why := trigger.check_decider(status, user, "approvers"):
-                await respond(response_type="ephemeral", replace_original=False, text=f":no_entry: {why}")
-                return
-        except Unavailable as exc:
-            await respond(response_type="ephemeral", replace_original=False, text=f":warning: Temporal is unreachable; please retry. ({escape(str(exc))[:200]})")
+        if (click := await clicked(body, action, respond, "approvers", "rejection")) is None:
             return
-        except (ServiceError, ValueError) as exc:
-            await respond(response_type="ephemeral", replace_original=False, text=f":x: {escape(str(exc))}")
-            return
+        user, channel, task_id, head_sha, _tc, _status = click
         message = body.get("message") or {}
         meta = {"task_id": task_id, "head_sha": head_sha, "channel": channel,
                 "message_ts": body.get("container", {}).get("message_ts", "") or message.get("ts", ""),
