@@ -135,6 +135,28 @@ class AgentTaskWorkflow:
         return TaskResult(status=self.st, repo=req.repo, requester=req.requester, origin=req.origin, refs=self.refs)
 
     async def _pipeline(self, req: TaskRequest) -> None:
+        """The diagram: each step returns False (or None) when the task ends there."""
+        context = await self._build_context(req)
+        if self.cancellation:
+            return await self._cancelled()
+        run = await self._run_agent(req, context)
+        if run is None:
+            return await self._cancelled()
+        if not await self._accept_run(req, run):
+            return
+        if self.cancellation:
+            return await self._cancelled()
+        if not await self._publish(req, context, run):
+            return
+        if not await self._review_gate(req):
+            return
+        if not await self._checks_gate(req):
+            return
+        if not await self._merge(req):
+            return
+        await self._revert_window(req)
+
+    async def _build_context(self, req: TaskRequest) -> ContextResult:
         self.trail.stage(Stage.context)
         context: ContextResult = await workflow.execute_activity(
             "build_context",
@@ -144,14 +166,10 @@ class AgentTaskWorkflow:
             retry_policy=HOST_RETRY,
         )
         self.st.warnings = context.warnings
-        if self.cancellation:
-            return await self._cancelled()
+        return context
 
-        self.trail.stage(Stage.running)
-        await self._notify("progress", "Agent running in the sandbox")
-        run = await self._run_agent(req, context)
-        if run is None:
-            return await self._cancelled()
+    async def _accept_run(self, req: TaskRequest, run: AgentRunResult) -> bool:
+        """Record the run; end the task if the agent failed, changed nothing, or changed too much."""
         self.run_result = run
         self.st.sandbox_id = run.sandbox_id
         self.st.summary = run.summary[:2000]
@@ -160,20 +178,23 @@ class AgentTaskWorkflow:
             self.trail.record("egress", detail=line)
         if run.outcome != AgentOutcome.ok:
             self.trail.stage(Stage.agent_failed, f"{run.outcome.value}: {run.detail}".strip(": "))
-            return await self._notify("failed", f"The agent run stopped ({run.outcome.value}). {run.detail}")
+            await self._notify("failed", f"The agent run stopped ({run.outcome.value}). {run.detail}")
+            return False
         if run.patch is None:
             self.trail.stage(Stage.no_changes, "the agent made no changes")
-            return await self._notify("info", "The agent made no changes; nothing was opened.")
+            await self._notify("info", "The agent made no changes; nothing was opened.")
+            return False
         if run.files_changed > req.repo.max_files_changed or run.lines_added + run.lines_removed > req.repo.max_diff_lines:
             self.trail.stage(
                 Stage.too_large,
                 f"{run.files_changed} files / {run.lines_added + run.lines_removed} lines changed; the limit is "
                 f"{req.repo.max_files_changed} files / {req.repo.max_diff_lines} lines. Split the task into smaller ones.",
             )
-            return await self._notify("failed", self.st.detail)
-        if self.cancellation:
-            return await self._cancelled()
+            await self._notify("failed", self.st.detail)
+            return False
+        return True
 
+    async def _publish(self, req: TaskRequest, context: ContextResult, run: AgentRunResult) -> bool:
         self.trail.stage(Stage.publishing)
         try:
             self.change = await workflow.execute_activity(
@@ -198,22 +219,18 @@ class AgentTaskWorkflow:
             )
         except ActivityError as err:
             self.trail.stage(Stage.failed, f"change refused: {failure_message(err)}")
-            return await self._notify("failed", self.st.detail)
+            await self._notify("failed", self.st.detail)
+            return False
         self.st.branch = self.change.branch
         self.st.change_url = self.change.url
         self.st.change_number = self.change.number
         self.st.head_sha = self.change.head_sha
-
-        if not await self._review_gate(req):
-            return
-        if not await self._checks_gate(req):
-            return
-        if not await self._merge(req):
-            return
-        await self._revert_window(req)
+        return True
 
     async def _run_agent(self, req: TaskRequest, context: ContextResult) -> AgentRunResult | None:
         """Run the agent; a cancel signal cancels the activity (the sandbox is killed). None = cancelled."""
+        self.trail.stage(Stage.running)
+        await self._notify("progress", "Agent running in the sandbox")
         handle = workflow.start_activity(
             "run_agent",
             AgentRunInput(
