@@ -17,6 +17,7 @@ from adapters.patch import PatchRejected, validate_patch
 from adapters.sandbox import get_sandbox
 from adapters.sandbox.base import Outcome, SandboxError, SandboxJob
 from adapters.sandbox.model_proxy import ENDPOINTS, sandbox_base_url
+from adapters.sandbox.output import printable
 from conveyor.models import AgentOutcome, AgentRunInput, AgentRunResult
 
 HEARTBEAT_EVERY_S = 1.0
@@ -146,7 +147,8 @@ class AgentActivities:
             agent=inp.agent,
             exit_code=result.agent.exit_code,
             transcript=transcript,
-            summary=report.summary[:4000],
+            # Agent-written text goes to terminals, Slack and PR bodies: no escape sequences.
+            summary=printable(report.summary.encode("utf-8", "replace"))[:4000],
             cost_usd=report.cost_usd,
             turns=report.turns,
             duration_s=duration,

@@ -155,3 +155,12 @@ async def test_change_over_the_scope_cap_is_too_large(client, settings, policy, 
     assert "2 files" in status.detail and "Split the task" in status.detail
     assert "conveyor/" not in git(bare_repo, "branch", "--list")
     assert not (settings.home / "changes").exists() or not list((settings.home / "changes").rglob("*.json"))
+
+
+async def test_agent_summary_is_stripped_of_terminal_escapes(client, settings, policy):
+    text = "echo x >> README.md && printf 'done \\033[2J\\033]0;pwned\\007 ok' > \"$CONVEYOR_SUMMARY_FILE\""
+    async with running_worker(client, settings):
+        task_id = await start(client, settings, policy, text)
+        status = await wait_stage(client, task_id, Stage.awaiting_review)
+    assert "\x1b" not in status.summary and "\x07" not in status.summary
+    assert status.summary.startswith("done") and status.summary.endswith("ok")
