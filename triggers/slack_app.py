@@ -477,7 +477,8 @@ def build_app(
         if why := trigger.check_decider(status, user, "reverters"):
             await respond(response_type="ephemeral", replace_original=False, text=f":no_entry: {why}")
             return
-        decision = Decision(by=user, via=f"slack:{channel}", reason=reason or "reverted from Slack")
+        # On-call reverts land at once (emergency); a code host with review then skips the revert PR's review.
+        decision = Decision(by=user, via=f"slack:{channel}", reason=reason or "reverted from Slack", emergency=True)
         outcome = await service.revert_task(tc, task_id, decision, settings)
         verb = {"signalled": "Revert requested", "started": "Revert started", "already": "A revert is already under way"}.get(outcome, outcome)
         await respond(response_type="ephemeral", replace_original=False,

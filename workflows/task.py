@@ -360,6 +360,10 @@ class AgentTaskWorkflow:
         assert self.revert_request is not None
         self.trail.stage(Stage.reverting)
         result = await revert(req.task_id, req.repo, req.base, self.st.merge_sha, self.change, self.revert_request)
+        if result.pending_review:  # the code host opened the revert for review instead of landing it
+            self.trail.stage(Stage.merged, f"revert opened for review: {result.url} {result.detail}".strip())
+            await self._notify("info", f"Revert requested by {self.revert_request.by} is open for review: {result.url}")
+            return
         self.st.revert_sha = result.revert_sha
         self.trail.stage(Stage.reverted, result.url or result.revert_sha)
         await self._notify("reverted", f"Reverted by {self.revert_request.by}: {result.url or result.revert_sha[:12]}")
@@ -520,6 +524,10 @@ class RevertTaskWorkflow:
         self.trail.record("revert_requested", decision.by, decision.via, decision.reason)
         self.trail.status.stage = Stage.reverting
         result = await revert(req.task_id, req.repo, req.base, req.merge_sha, req.change, decision)
+        if result.pending_review:
+            self.trail.status.stage = Stage.merged
+            self.trail.record("stage", detail=f"revert opened for review: {result.url} {result.detail}".strip())
+            return TaskResult(status=self.trail.status, repo=req.repo, requester=req.requester, origin=req.origin)
         self.trail.status.revert_sha = result.revert_sha
         self.trail.status.stage = Stage.reverted
         self.trail.record("stage", detail=f"reverted: {result.url or result.revert_sha}")

@@ -705,7 +705,8 @@ class GitHubCodeHost:
             # Branch protection (required checks/reviews) can block even an emergency revert:
             # leave it open and say so instead of pretending it landed.
             log.warning("github: emergency revert %s could not be merged: %s", pr.html_url, result.detail)
-            return RevertResult(url=pr.html_url, already=already, pending_review=True)
+            return RevertResult(url=pr.html_url, already=already, pending_review=True,
+                                detail=f"the revert could not be merged at once ({result.outcome}): {result.detail}")
         return RevertResult(revert_sha=result.merge_sha, url=pr.html_url, already=already)
 
     # ---- extras for the webhook trigger ------------------------------------------------
