@@ -2,8 +2,9 @@
 
 Checks, in order: body size, `Linear-Signature` (hex HMAC-SHA256 of the raw body with
 LINEAR_WEBHOOK_SECRET; fails closed when no secret is configured), `webhookTimestamp` within
-60 s of now (replays), then dedupe by delivery (`Linear-Delivery`): the task id is
-task_id_for("linear", delivery), so a redelivery can never start a second workflow.
+60 s of now (replays), then dedupe by the signed event (`event_key`: the body minus its
+per-delivery fields; the unsigned `Linear-Delivery` header is only logged): the task id is
+task_id_for("linear", key), so neither a redelivery nor a replay can start a second workflow.
 Only the moment the label is added counts (an issue created with it, or an update whose
 `updatedFrom.labelIds` lacked it): editing a labeled issue starts nothing.
 The repository is the one whose policy has `linear_team` = the issue's team key (or id).
@@ -40,6 +41,15 @@ Starter = Callable[[TaskRequest], Awaitable[Any]]
 def verify_signature(secret: str, raw: bytes, signature: str) -> bool:
     expected = hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, (signature or "").strip().lower())
+
+
+def event_key(payload: dict[str, Any]) -> str:
+    """Dedupe key from the SIGNED body: the event minus the per-delivery fields. The
+    `Linear-Delivery` header is not covered by the signature, so keying on it let anyone who saw
+    one signed delivery replay it (inside the timestamp window) under fresh delivery ids and start
+    a task per replay. A retry of the same event carries the same data, so it maps to one key."""
+    stable = {k: v for k, v in payload.items() if k not in ("webhookTimestamp", "webhookId")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 def repo_for_team(config: ConveyorConfig, team: dict[str, Any], team_id: str) -> RepoPolicy | None:
@@ -149,19 +159,20 @@ class LinearWebhookReceiver:
         delivery = request.headers.get("Linear-Delivery", "").strip()
         if not delivery:
             return web.json_response({"error": "Linear-Delivery header missing"}, status=400)
-        if delivery in self._seen:
-            return web.json_response({**self._seen[delivery], "duplicate": True})
+        key = event_key(payload)
+        if key in self._seen:
+            return web.json_response({**self._seen[key], "duplicate": True})
         try:
-            answer, status = await self._event(payload, delivery)
+            answer, status = await self._event(payload, delivery, key)
         except ServiceUnavailable as exc:
             return web.json_response({"error": str(exc)}, status=503)  # Linear retries the delivery
         if status == 200:
-            self._seen[delivery] = answer
+            self._seen[key] = answer
             while len(self._seen) > _SEEN_MAX:
                 self._seen.popitem(last=False)
         return web.json_response(answer, status=status)
 
-    async def _event(self, payload: dict[str, Any], delivery: str) -> tuple[dict[str, Any], int]:
+    async def _event(self, payload: dict[str, Any], delivery: str, key: str) -> tuple[dict[str, Any], int]:
         if payload.get("type") != "Issue" or payload.get("action") not in ("create", "update"):
             return {"ignored": f"{payload.get('type')} {payload.get('action')} events start nothing"}, 200
         label = self.linear_settings.label
@@ -207,7 +218,7 @@ class LinearWebhookReceiver:
         from triggers import service
 
         try:
-            task = service.build_request(repo, text, requester, origin, task_id=service.task_id_for("linear", delivery))
+            task = service.build_request(repo, text, requester, origin, task_id=service.task_id_for("linear", key))
         except service.ServiceError as exc:
             await self._comment(issue_id, f"Conveyor did not start a task: {exc}")
             return {"refused": str(exc)}, 200

@@ -17,7 +17,7 @@ from adapters.linear import LinearClient
 from conveyor.config import ConveyorConfig, RepoPolicy, Settings
 from conveyor.models import TaskRequest
 from triggers import service
-from triggers.linear_webhooks import LinearWebhookReceiver, serve
+from triggers.linear_webhooks import LinearWebhookReceiver, event_key, serve
 from tests.emulators.linear_api import LinearEmulator
 
 
@@ -77,7 +77,7 @@ async def test_labeled_issue_starts_one_task_with_the_conversation(stack):
     payload = emu.issue_webhook("create", issue, s["ada"])
     status, body = await deliver(s, payload, delivery_id="d-1")
     assert status == 200 and body["started"] is True, body
-    assert body["task_id"] == service.task_id_for("linear", "d-1")
+    assert body["task_id"] == service.task_id_for("linear", event_key(payload))
     result = await s["client"].get_workflow_handle(body["task_id"]).result()
     assert result["text"] == "ENG-1: Fix flaky retry test\n\nIt fails 1 in 20 runs."
     assert result["requester"] == "slack:UADA", "the Linear user is mapped to the policy identity"
@@ -90,6 +90,26 @@ async def test_labeled_issue_starts_one_task_with_the_conversation(stack):
     status, again = await deliver(s, payload, delivery_id="d-1")
     assert status == 200 and again["started"] is False
     assert len(s["started"]) == 2  # the second reached Temporal, which refused the duplicate
+
+
+async def test_replayed_body_under_fresh_delivery_ids_starts_nothing_new(stack):
+    """Linear-Delivery is not signed: a captured delivery replayed inside the timestamp window with
+    new delivery ids must land on the same task, in-process and at Temporal."""
+    s = stack
+    emu = s["emu"]
+    issue = emu.add_issue(s["team"], "Rotate keys", labels=[s["label"]], creator=s["ada"])
+    payload = emu.issue_webhook("create", issue, s["ada"])
+    status, first = await deliver(s, payload, delivery_id="genuine")
+    assert status == 200 and first["started"] is True, first
+    status, replay = await deliver(s, payload, delivery_id="replay-1")
+    assert status == 200 and replay["task_id"] == first["task_id"] and replay.get("duplicate") is True
+    s["receiver"]._seen.clear()
+    status, replay = await deliver(s, payload, delivery_id="replay-2")
+    assert status == 200 and replay["task_id"] == first["task_id"] and replay["started"] is False
+    # Linear's own retry of the event is re-signed with a fresh timestamp: still the same task.
+    retry = {**payload, "webhookTimestamp": payload["webhookTimestamp"] + 1500}
+    status, again = await deliver(s, retry, delivery_id="genuine")
+    assert again["task_id"] == first["task_id"] and again["started"] is False
 
 
 async def test_label_added_by_update_starts_but_other_updates_do_not(stack):
