@@ -183,6 +183,17 @@ class SlackTrigger:
             return f"`{escape(policy.name)}` requires a reviewer other than the requester; nothing was sent."
         return None
 
+    def check_reader(self, status: TaskStatus, user: Identity) -> str | None:
+        """Why `user` may not see this task's status, or None. Status carries the task text, the
+        requester and the audit trail: only its requester and people with a role on its repository
+        see it (anyone else in the workspace, or an external member of a shared channel, does not)."""
+        if status.requester in (user.principal, user.id):
+            return None
+        policy = self.policy_for(status)
+        if policy is not None and any(policy.allows(r, user.principal, user.id) for r in ("invokers", "approvers", "reverters")):  # type: ignore[arg-type]
+            return None
+        return f"Task `{status.task_id}` is not visible to you: you have no role on its repository."
+
     async def client(self) -> Client:
         try:
             return await self.client_provider()
@@ -358,7 +369,9 @@ def build_app(
             elif cmd.verb == "status":
                 tc = await trigger.client()
                 status = await service.task_status(tc, cmd.task_id)
-                await respond(response_type="ephemeral", replace_original=False, text=render_status(status, settings.task_ui_url(cmd.task_id)))
+                text = (f":no_entry: {why}" if (why := trigger.check_reader(status, user))
+                        else render_status(status, settings.task_ui_url(cmd.task_id)))
+                await respond(response_type="ephemeral", replace_original=False, text=text)
             elif cmd.verb == "list":
                 text = await list_text(await trigger.client(), user, settings)
                 await respond(response_type="ephemeral", replace_original=False, text=text)
@@ -456,7 +469,10 @@ def build_app(
     async def other_verb(cmd: Command, user: Identity, channel: str, client: AsyncWebClient) -> str:
         tc = await trigger.client()
         if cmd.verb == "status":
-            return render_status(await service.task_status(tc, cmd.task_id), settings.task_ui_url(cmd.task_id))
+            status = await service.task_status(tc, cmd.task_id)
+            if why := trigger.check_reader(status, user):
+                return f":no_entry: {why}"
+            return render_status(status, settings.task_ui_url(cmd.task_id))
         if cmd.verb == "list":
             return await list_text(tc, user, settings)
         if cmd.verb == "revert":

@@ -305,6 +305,13 @@ async def test_status_and_list(rig: SlackRig) -> None:
     await rig.slash(f"status {task_id}", user="U200")
     said = await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if task_id in c.args.get("text", "")])
     assert "awaiting review" in said[0].args["text"] and said[0].args["response_type"] == "ephemeral"
+    # someone with no role on `web` (any workspace member, or an external one in a shared channel)
+    await rig.slash(f"status {task_id}", user="U999")
+    said = await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "not visible to you" in c.args.get("text", "")])
+    assert "awaiting review" not in said[0].args["text"]
+    await rig.mention(f"status {task_id}", channel="C100", user="U999")
+    eph = await rig.api.await_for(lambda: [c for c in rig.api.calls_of("chat.postEphemeral") if c.args.get("user") == "U999"])
+    assert "not visible to you" in eph[0].args["text"] and "awaiting review" not in eph[0].args["text"]
     await rig.slash("status cv-000000000000", user="U200")
     await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "no task cv-000000000000" in c.args.get("text", "")])
     deadline = time.monotonic() + 10
