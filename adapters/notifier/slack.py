@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -95,10 +96,15 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+_SLACK_USER_ID = re.compile(r"[UW][A-Z0-9]{2,20}")
+
+
 def who(display_or_principal: str) -> str:
-    """Render an actor: `slack:U123` becomes a mention, anything else stays plain."""
-    if display_or_principal.startswith("slack:"):
-        return f"<@{display_or_principal.split(':', 1)[1]}>"
+    """Render an actor: `slack:U123` becomes a mention, anything else stays plain. Only a real
+    Slack user id becomes a mention: `slack:U1>|<!channel` would otherwise ping the channel."""
+    kind, _, ident = display_or_principal.partition(":")
+    if kind == "slack" and _SLACK_USER_ID.fullmatch(ident):
+        return f"<@{ident}>"
     return escape(display_or_principal)
 
 

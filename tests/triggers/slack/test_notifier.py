@@ -166,3 +166,14 @@ def test_info_notices_post_once(api: SlackWebAPI, notifier: SlackNotifier) -> No
     notifier.notify(notice.model_copy(update={"refs": refs}))
     notes = [m for m in api.thread("C1", root) if "made no changes" in m["text"]]
     assert len(notes) == 1
+
+
+def test_who_mentions_only_real_slack_user_ids() -> None:
+    from adapters.notifier.slack import decision_line, who
+
+    assert who("slack:U0123ABCD") == "<@U0123ABCD>" and who("slack:W0123ABCD") == "<@W0123ABCD>"
+    # a principal carrying mrkdwn control text must not become a mention, link or @channel
+    for forged in ("slack:U1>|<!channel", "slack:<!here>", "slack:U1|x", "slack:"):
+        out = who(forged)
+        assert "<" not in out and ">" not in out.replace("&gt;", ""), out
+    assert "<!channel>" not in decision_line("approve", "slack:U1><!channel")
