@@ -728,9 +728,14 @@ class GitHubCodeHost:
     # ---- extras for the webhook trigger ------------------------------------------------
 
     def pull_branch(self, repo: RepoPolicy, number: int) -> tuple[str, str]:
-        """(head branch, base branch) of pull request `number`."""
+        """(head branch, base branch) of pull request `number`. A head in a fork comes back as
+        `owner:branch`: a fork's branch named `conveyor/cv-...` is not our task's branch, and a
+        follow-up must never push onto the same-named branch here."""
         ref = self._ref(repo)
         pr = self._pull(ref, number, PERM_READ)
+        head_repo = pr.head.repo
+        if head_repo is None or head_repo.full_name.lower() != ref.full.lower():
+            return pr.head.label or f"(deleted fork):{pr.head.ref}", pr.base.ref
         return pr.head.ref, pr.base.ref
 
 

@@ -105,6 +105,8 @@ class Pull:
     reviewers: list[str] = field(default_factory=list)
     team_reviewers: list[str] = field(default_factory=list)
     comments: list[dict[str, Any]] = field(default_factory=list)
+    head_owner: str = ""
+    """Set for a pull request from a fork: the fork's owner (head.repo is then the fork)."""
     created: float = field(default_factory=time.time)
     draft: bool = False
 
@@ -325,8 +327,10 @@ class GitHubEmulator:
             "url": f"{api}/pulls/{pr.number}", "html_url": f"{self.web_url}/{full}/pull/{pr.number}",
             "issue_url": f"{api}/issues/{pr.number}", "comments_url": f"{api}/issues/{pr.number}/comments",
             "statuses_url": f"{api}/statuses/{head_sha}",
-            "head": {"ref": pr.head, "sha": head_sha, "label": f"{repo.owner}:{pr.head}", "repo": self._repo_json(repo),
-                     "user": self._user(repo.owner)},
+            "head": {"ref": pr.head, "sha": head_sha, "label": f"{pr.head_owner or repo.owner}:{pr.head}",
+                     "repo": ({**self._repo_json(repo), "full_name": f"{pr.head_owner}/{repo.name}", "fork": True,
+                               "owner": self._user(pr.head_owner)} if pr.head_owner else self._repo_json(repo)),
+                     "user": self._user(pr.head_owner or repo.owner)},
             "base": {"ref": pr.base, "sha": base_sha, "label": f"{repo.owner}:{pr.base}", "repo": self._repo_json(repo),
                      "user": self._user(repo.owner)},
             "merged": pr.merged, "merge_commit_sha": pr.merge_commit_sha, "mergeable": mergeable,

@@ -219,6 +219,12 @@ async def test_agent_comment_on_conveyor_pr_is_a_follow_up(client: Client, setti
 
         status, body = await hooks.post("issue_comment", {**payload, "issue": {**payload["issue"], "number": 2}})
         assert body["result"] == "ignored" and "not a Conveyor pull request" in body["detail"]
+        # a fork's PR whose branch is named like ours: not a Conveyor PR, no follow-up onto our branch
+        subprocess.run(["git", "-C", str(bare), "branch", "fork-stand-in", "main"], check=True)
+        fork_pr = emu._create_pull(repo, "mallory", "Looks like yours", "", "fork-stand-in", "main")
+        fork_pr.head, fork_pr.head_owner = branch, "mallory"
+        status, body = await hooks.post("issue_comment", {**payload, "issue": {**payload["issue"], "number": fork_pr.number}})
+        assert body["result"] == "ignored" and f"mallory:{branch}" in body["detail"], body
         status, body = await hooks.post("issue_comment", {**payload, "issue": {**payload["issue"], "number": 99}})
         assert status == 502 and "404" in body["error"] and "acme/widgets" in body["error"]
         status, body = await hooks.post("issue_comment", {**payload, "comment": {"body": "looks good"}})
