@@ -4,7 +4,8 @@
 
 Every delivery is authenticated by X-Hub-Signature-256 (HMAC-SHA256 of the raw body with
 GITHUB_WEBHOOK_SECRET; the receiver refuses to start without a secret) and deduplicated by
-X-GitHub-Delivery: the task id is derived from it, so a redelivery never starts a second task.
+the signed body (`event_key`; X-GitHub-Delivery is not signed): the task id is derived from it,
+so neither a redelivery nor a replay under a fresh delivery id starts a second task.
 
 - `issues` labeled `agent`            -> a task on the repository (requester = the labeler's login)
 - `issue_comment` `/agent ...` on a Conveyor PR (branch conveyor/<task-id>-...) -> a follow-up task
@@ -57,6 +58,11 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def event_key(body: bytes) -> str:
+    """The dedupe key of a delivery: a digest of its signed body."""
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
 def task_for_branch(branch: str) -> str | None:
     match = BRANCH_RE.match(branch or "")
     return match.group(1) if match else None
@@ -99,8 +105,12 @@ class GitHubWebhooks:
         event = request.headers.get("X-GitHub-Event", "").strip()
         if not delivery or not event:
             return web.json_response({"error": "missing X-GitHub-Delivery or X-GitHub-Event"}, status=400)
-        if delivery in self._seen:
-            return web.json_response({**self._seen[delivery], "duplicate": True})
+        # Dedupe on the signed body, never on the unsigned X-GitHub-Delivery header alone: a
+        # captured delivery replayed under fresh delivery ids would otherwise start a task per
+        # replay (GitHub signs no timestamp). A redelivery is byte-identical, so it maps here too.
+        key = event_key(body)
+        if key in self._seen:
+            return web.json_response({**self._seen[key], "duplicate": True})
         try:
             payload = json.loads(body)
             if not isinstance(payload, dict):
@@ -108,14 +118,14 @@ class GitHubWebhooks:
         except ValueError as exc:
             return web.json_response({"error": f"invalid JSON payload: {exc}"}, status=400)
         try:
-            result = await self.dispatch(event, delivery, payload)
+            result = await self.dispatch(event, delivery, payload, key)
         except service.Unavailable as exc:
             # Not remembered: GitHub's "Redeliver" (or its retry) can try again later.
             return web.json_response({"error": str(exc)}, status=503)
         except CodeHostError as exc:  # reading the pull request for an /agent comment
             log.warning("github webhook %s %s: %s", event, delivery, exc)
             return web.json_response({"error": str(exc)}, status=503 if exc.retryable else 502)
-        self._seen[delivery] = result
+        self._seen[key] = result
         while len(self._seen) > self._remember:
             self._seen.popitem(last=False)
         log.info("github webhook %s %s: %s", event, delivery, result)
@@ -123,14 +133,15 @@ class GitHubWebhooks:
 
     # ---- events -------------------------------------------------------------------------
 
-    async def dispatch(self, event: str, delivery: str, p: dict[str, Any]) -> dict[str, Any]:
+    async def dispatch(self, event: str, delivery: str, p: dict[str, Any], key: str = "") -> dict[str, Any]:
+        key = key or delivery
         if event == "ping":
             return {"result": "pong"}
         policy = self._policy(p)
         if event == "issues":
-            return await self.on_issue(delivery, p, policy)
+            return await self.on_issue(delivery, p, policy, key)
         if event == "issue_comment":
-            return await self.on_comment(delivery, p, policy)
+            return await self.on_comment(delivery, p, policy, key)
         if event in ("status", "check_run", "check_suite"):
             out = await self.on_ci(event, delivery, p, policy)
             return out
@@ -145,7 +156,7 @@ class GitHubWebhooks:
                     return policy
         return None
 
-    async def on_issue(self, delivery: str, p: dict[str, Any], policy: RepoPolicy | None) -> dict[str, Any]:
+    async def on_issue(self, delivery: str, p: dict[str, Any], policy: RepoPolicy | None, key: str) -> dict[str, Any]:
         if p.get("action") != "labeled" or (p.get("label") or {}).get("name") != self.label:
             return {"result": "ignored", "detail": f"not an issue labeled {self.label!r}"}
         if policy is None:
@@ -156,9 +167,9 @@ class GitHubWebhooks:
         task_text = f"{title}\n\n{text}".strip()[:MAX_TASK_CHARS]
         origin = Origin(source="github", delivery_id=delivery, url=issue.get("html_url", ""),
                         conversation=[task_text] if task_text else [])
-        return await self._start(policy, task_text, _person(sender), origin, delivery)
+        return await self._start(policy, task_text, _person(sender), origin, key)
 
-    async def on_comment(self, delivery: str, p: dict[str, Any], policy: RepoPolicy | None) -> dict[str, Any]:
+    async def on_comment(self, delivery: str, p: dict[str, Any], policy: RepoPolicy | None, key: str) -> dict[str, Any]:
         comment = p.get("comment") or {}
         issue = p.get("issue") or {}
         sender = p.get("sender") or {}
@@ -177,7 +188,7 @@ class GitHubWebhooks:
             return {"result": "ignored", "detail": f"#{number} is not a Conveyor pull request (branch {branch})"}
         origin = Origin(source="github", delivery_id=delivery, github_pr_number=number,
                         url=comment.get("html_url") or issue.get("html_url", ""))
-        return await self._start(policy, match.group(1).strip(), _person(sender), origin, delivery, base=base,
+        return await self._start(policy, match.group(1).strip(), _person(sender), origin, key, base=base,
                                  follow_up_branch=branch)
 
     async def on_ci(self, event: str, delivery: str, p: dict[str, Any], policy: RepoPolicy | None) -> dict[str, Any]:
@@ -219,9 +230,9 @@ class GitHubWebhooks:
         started = await service.start_task(self.client, request, self.settings)
         return {"result": "started" if started.started else "duplicate", "task_id": task_id, "ui_url": started.ui_url}
 
-    async def _start(self, policy: RepoPolicy, text: str, requester: Identity, origin: Origin, delivery: str,
+    async def _start(self, policy: RepoPolicy, text: str, requester: Identity, origin: Origin, key: str,
                      base: str | None = None, follow_up_branch: str = "") -> dict[str, Any]:
-        task_id = service.task_id_for("github", delivery)
+        task_id = service.task_id_for("github", key)
         try:
             request = service.build_request(policy, text, requester, origin, base=base, task_id=task_id)
         except service.Refused as exc:

@@ -24,7 +24,7 @@ from conveyor.config import ConveyorConfig, GitHubSettings, RepoPolicy, Settings
 from conveyor.models import Decision, TaskRequest
 from tests.emulators.github_api import GitHubEmulator, github_emulator, make_bare_repo  # noqa: F401
 from triggers import service
-from triggers.github_webhooks import GitHubWebhooks, sign, task_for_branch
+from triggers.github_webhooks import GitHubWebhooks, event_key, sign, task_for_branch
 
 SECRET = "whsec-test"
 REPO_URL = "https://github.example.com/acme/widgets"
@@ -114,7 +114,7 @@ async def test_issue_label_signature_and_redelivery(client: Client, settings: Se
         status, body = await hooks.post("issues", payload, delivery="d-1")
         assert status == 200 and body["result"] == "started"
         task_id = body["task_id"]
-        assert task_id == service.task_id_for("github", "d-1")
+        assert task_id == service.task_id_for("github", event_key(json.dumps(payload).encode()))
         data = await hooks.probe(task_id)
         req = data["request"]
         assert req["requester"] == {"kind": "github", "id": "alice", "display": "alice"}
@@ -130,6 +130,15 @@ async def test_issue_label_signature_and_redelivery(client: Client, settings: Se
             assert third["result"] == "duplicate" and third["task_id"] == task_id
         finally:
             await server2.close()
+        # X-GitHub-Delivery is not signed: the same signed body replayed under fresh ids starts nothing
+        status, replay = await hooks.post("issues", payload, delivery="d-replayed")
+        assert status == 200 and replay["task_id"] == task_id and replay.get("duplicate"), replay
+        server3 = await hooks_for(client, settings, config)
+        try:
+            status, replay = await Hooks(session, server3, client).post("issues", payload, delivery="d-replayed-2")
+            assert replay["result"] == "duplicate" and replay["task_id"] == task_id
+        finally:
+            await server3.close()
 
         # not an invoker -> refused; other labels and unknown repositories ignored
         status, body = await hooks.post("issues", {**payload, "sender": {"login": "mallory"}}, delivery="d-2")
@@ -156,7 +165,8 @@ async def test_issue_label_signature_and_redelivery(client: Client, settings: Se
                                                    "branches": [{"name": "main"}], "repository": repository()})
         assert body["result"] == "ignored"
         # a commit status on the same branch (GitHub lists the branches whose head is the sha)
-        task2 = (await hooks.post("issues", payload, delivery="d-3"))[1]["task_id"]
+        relabeled = {**payload, "issue": {**payload["issue"], "updated_at": "2026-01-02T00:00:00Z"}}
+        task2 = (await hooks.post("issues", relabeled, delivery="d-3"))[1]["task_id"]
         status, body = await hooks.post("status", {"sha": "d" * 40, "state": "failure", "context": "lint",
                                                    "branches": [{"name": f"conveyor/{task2}-x"}, {"name": "main"}],
                                                    "repository": repository()})
@@ -177,7 +187,8 @@ async def test_ci_fix_task_on_default_branch(client: Client, settings: Settings)
         assert body["result"] == "started"
         req = (await hooks.probe(body["task_id"]))["request"]
         assert req["requester"]["kind"] == "ci" and "Fix the failing CI on main" in req["text"] and "c" * 40 in req["text"]
-        status, second = await hooks.post("check_suite", suite)  # another suite failing on the same commit
+        other = {**suite, "check_suite": {**suite["check_suite"], "app": {"name": "Buildkite"}}}
+        status, second = await hooks.post("check_suite", other)  # another suite failing on the same commit
         assert second["result"] == "duplicate" and second["task_id"] == body["task_id"]
         status, ok = await hooks.post("check_suite", {**suite, "check_suite": {**suite["check_suite"], "conclusion": "success"}})
         assert ok["result"] == "ignored"
