@@ -122,6 +122,10 @@ class GitHubWebhooks:
         except service.Unavailable as exc:
             # Not remembered: GitHub's "Redeliver" (or its retry) can try again later.
             return web.json_response({"error": str(exc)}, status=503)
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:
+            # a signed payload of an unexpected shape (a string where an object belongs, ...)
+            log.warning("github webhook %s %s: malformed payload: %r", event, delivery, exc)
+            return web.json_response({"error": f"malformed {event} payload"}, status=400)
         except CodeHostError as exc:  # reading the pull request for an /agent comment
             log.warning("github webhook %s %s: %s", event, delivery, exc)
             return web.json_response({"error": str(exc)}, status=503 if exc.retryable else 502)

@@ -166,6 +166,10 @@ class LinearWebhookReceiver:
             answer, status = await self._event(payload, delivery, key)
         except ServiceUnavailable as exc:
             return web.json_response({"error": str(exc)}, status=503)  # Linear retries the delivery
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:
+            # a signed payload of an unexpected shape (a string where an object belongs, ...)
+            log.warning("Linear delivery %s: malformed payload: %r", delivery, exc)
+            return web.json_response({"error": "malformed Issue payload"}, status=400)
         if status == 200:
             self._seen[key] = answer
             while len(self._seen) > _SEEN_MAX:

@@ -147,6 +147,12 @@ async def test_issue_label_signature_and_redelivery(client: Client, settings: Se
         assert body["result"] == "ignored"
         status, body = await hooks.post("issues", {**payload, "repository": repository("https://github.example.com/x/y")})
         assert body["result"] == "ignored" and "not in conveyor.toml" in body["detail"]
+        # signed but oddly shaped payloads: a clear 400, never a 500
+        for event, odd in (("issues", {**payload, "label": "agent"}), ("issues", {**payload, "issue": ["x"]}),
+                           ("issue_comment", {**payload, "action": "created", "comment": "/agent x"}),
+                           ("check_run", {**payload, "check_run": "x"}), ("issues", {**payload, "repository": "x"})):
+            status, body = await hooks.post(event, odd)
+            assert status == 400 and "malformed" in body["error"], (event, status, body)
         status, body = await hooks.post("ping", {"zen": "hi"})
         assert body["result"] == "pong"
 

@@ -155,6 +155,11 @@ async def test_signature_and_timestamp_are_enforced(stack):
     assert status == 401
     status, body = await deliver(s, payload, raw=b"[1, 2]", signature=emu.sign(b"[1, 2]"))
     assert status == 400
+    # signed, fresh, but oddly shaped: a clear 400, never a 500
+    for odd in ({**payload, "data": "x"}, {**payload, "data": {**payload["data"], "labels": ["agent"]}},
+                {**payload, "data": {**payload["data"], "team": "ENG"}}, {**payload, "actor": "eve"}):
+        status, body = await deliver(s, {**odd, "webhookTimestamp": int(time.time() * 1000)})
+        assert status == 400 and "malformed" in body["error"], (status, body)
     assert s["started"] == []
 
 
