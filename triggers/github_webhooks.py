@@ -237,6 +237,11 @@ class GitHubWebhooks:
     async def _start(self, policy: RepoPolicy, text: str, requester: Identity, origin: Origin, key: str,
                      base: str | None = None, follow_up_branch: str = "") -> dict[str, Any]:
         task_id = service.task_id_for("github", key)
+        # Only `github:LOGIN` (or "*") entries admit a GitHub user: a bare entry such as "U100" (a
+        # Slack id) or "alice" (a local user) must not admit whoever registers that GitHub login.
+        if not policy.allows("invokers", requester.principal, requester.principal):
+            return {"result": "refused", "detail": f"{requester} may not start tasks on {policy.name} "
+                                                   f"(invokers must name {requester.principal})"}
         try:
             request = service.build_request(policy, text, requester, origin, base=base, task_id=task_id)
         except service.Refused as exc:

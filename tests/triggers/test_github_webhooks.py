@@ -52,7 +52,7 @@ class StandIn:
 
 
 def policy(**kw: Any) -> RepoPolicy:
-    return RepoPolicy(name="widgets", url=REPO_URL, host="github", invokers=["github:alice"], **kw)
+    return RepoPolicy(name="widgets", url=REPO_URL, host="github", invokers=["github:alice", "U100"], **kw)
 
 
 class Hooks:
@@ -143,6 +143,9 @@ async def test_issue_label_signature_and_redelivery(client: Client, settings: Se
         # not an invoker -> refused; other labels and unknown repositories ignored
         status, body = await hooks.post("issues", {**payload, "sender": {"login": "mallory"}}, delivery="d-2")
         assert body["result"] == "refused" and "mallory" in body["detail"]
+        # a GitHub login equal to a bare policy entry meant for another provider is not that person
+        status, body = await hooks.post("issues", {**payload, "sender": {"login": "U100", "type": "User"}})
+        assert body["result"] == "refused" and "U100" in body["detail"]
         status, body = await hooks.post("issues", {**payload, "label": {"name": "bug"}})
         assert body["result"] == "ignored"
         status, body = await hooks.post("issues", {**payload, "repository": repository("https://github.example.com/x/y")})
