@@ -223,6 +223,12 @@ class GitHubWebhooks:
     async def _ci_fix(self, policy: RepoPolicy, p: dict[str, Any], suite: dict[str, Any], delivery: str) -> dict[str, Any]:
         sha = suite.get("head_sha", "")
         branch = suite.get("head_branch", policy.base)
+        # head_branch is only a name: a fork PR's branch called "main" reports here too. Only a
+        # failure at the current head of the real branch starts a (paid) fix task.
+        head = await asyncio.to_thread(self._host().resolve_base, policy, branch)
+        if head != sha:
+            return {"result": "ignored", "detail": f"{sha[:12]} is not the head of {branch} ({head[:12]}): "
+                                                   "a fork's branch of that name, or the branch moved on"}
         app = (suite.get("app") or {}).get("name", "CI")
         link = f"{(p.get('repository') or {}).get('html_url', '')}/commit/{sha}/checks"
         text = (f"Fix the failing CI on {branch}: the {app} check suite concluded {suite.get('conclusion')} at commit "

@@ -185,24 +185,37 @@ async def test_issue_label_signature_and_redelivery(client: Client, settings: Se
     await server.close()
 
 
-async def test_ci_fix_task_on_default_branch(client: Client, settings: Settings) -> None:
-    server = await hooks_for(client, settings, ConveyorConfig(repos={"widgets": policy(ci_fix_tasks=True)}))
+async def test_ci_fix_task_on_default_branch(client: Client, settings: Settings, github_emulator: GitHubEmulator,
+                                            tmp_path: Path) -> None:
+    emu = github_emulator
+    emu.add_token("tok")
+    bare, main_sha = make_bare_repo(tmp_path, "widgets", {"a.txt": "a\n"})
+    emu.add_repo("acme", "widgets", bare)
+    url = emu.repo_url("acme", "widgets")
+    host = GitHubCodeHost(settings, GitHubSettings(token="tok", api_url=emu.api_url), pacing=(0, 0))
+    pol = RepoPolicy(name="widgets", url=url, host="github", invokers=["github:alice"], ci_fix_tasks=True)
+    server = await hooks_for(client, settings, ConveyorConfig(repos={"widgets": pol}), codehost=lambda: host)
     async with Worker(client, task_queue=settings.task_queue, workflows=[StandIn]), aiohttp.ClientSession() as session:
         hooks = Hooks(session, server, client)
-        suite = {"action": "completed", "repository": repository(),
-                 "check_suite": {"head_branch": "main", "head_sha": "c" * 40, "conclusion": "failure",
+        suite = {"action": "completed", "repository": repository(url),
+                 "check_suite": {"head_branch": "main", "head_sha": main_sha, "conclusion": "failure",
                                  "app": {"name": "GitHub Actions"}, "pull_requests": []}}
         status, body = await hooks.post("check_suite", suite)
-        assert body["result"] == "started"
+        assert body["result"] == "started", body
         req = (await hooks.probe(body["task_id"]))["request"]
-        assert req["requester"]["kind"] == "ci" and "Fix the failing CI on main" in req["text"] and "c" * 40 in req["text"]
+        assert req["requester"]["kind"] == "ci" and "Fix the failing CI on main" in req["text"] and main_sha in req["text"]
         other = {**suite, "check_suite": {**suite["check_suite"], "app": {"name": "Buildkite"}}}
         status, second = await hooks.post("check_suite", other)  # another suite failing on the same commit
         assert second["result"] == "duplicate" and second["task_id"] == body["task_id"]
         status, ok = await hooks.post("check_suite", {**suite, "check_suite": {**suite["check_suite"], "conclusion": "success"}})
         assert ok["result"] == "ignored"
+        # a fork PR whose branch is also called "main" fails its CI: not our main, no task
+        fork = {**suite, "check_suite": {**suite["check_suite"], "head_sha": "f" * 40}}
+        status, body = await hooks.post("check_suite", fork)
+        assert body["result"] == "ignored" and "not the head of main" in body["detail"], body
     await server.close()
-    off = await hooks_for(client, settings, ConveyorConfig(repos={"widgets": policy()}))
+    off = await hooks_for(client, settings, ConveyorConfig(repos={"widgets": pol.model_copy(update={"ci_fix_tasks": False})}),
+                          codehost=lambda: host)
     async with aiohttp.ClientSession() as session:
         status, body = await Hooks(session, off, client).post("check_suite", suite)
         assert body["result"] == "ignored" and "ci_fix_tasks is off" in body["detail"]
