@@ -535,6 +535,12 @@ def build_app(
             await respond(response_type="ephemeral", replace_original=False,
                           text=f"Task `{task_id}` is {status.stage.value.replace('_', ' ')}, not awaiting review; nothing was sent.")
             return
+        if status.head_sha and not head_sha:
+            # Our review buttons always name the head they show; without one the workflow would
+            # approve whatever the head is now, which nobody reviewed.
+            await respond(response_type="ephemeral", replace_original=False,
+                          text=f"This button names no reviewed head of `{task_id}`; approve from its review message. Nothing was sent.")
+            return
         if head_sha and status.head_sha and head_sha != status.head_sha:
             await respond(response_type="ephemeral", replace_original=False,
                           text=f"The change moved since this message (now `{status.head_sha[:12]}`); review the new head. Nothing was sent.")

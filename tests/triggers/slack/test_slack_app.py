@@ -204,6 +204,11 @@ async def test_review_approve_merge_and_revert_through_slack(rig: SlackRig) -> N
     assert status.stage == Stage.awaiting_review and not [e for e in status.audit if e.action == "approved"]
     assert _buttons(rig.api.message("C100", review["ts"]))  # still has its buttons
 
+    # a button value naming no head (not one we post): refused, whoever clicks
+    await rig.click("conveyor_approve", json.dumps({"task_id": task_id}), user="U200", user_name="bob", message_ts=review["ts"], message=review)
+    await rig.api.await_for(lambda: [c for c in rig.api.calls_of("response_url") if "names no reviewed head" in c.args.get("text", "")])
+    assert (await service.task_status(rig.client, task_id)).stage == Stage.awaiting_review
+
     # a real approver
     ok = await rig.click("conveyor_approve", buttons["conveyor_approve"]["value"], user="U200", user_name="bob", message_ts=review["ts"], message=review)
     assert ok.status == 200 and ok.elapsed_s < ACK_BUDGET_S
