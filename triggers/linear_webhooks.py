@@ -190,9 +190,9 @@ class LinearWebhookReceiver:
             team = (data.get("team") or {}).get("key") or data.get("teamId")
             await self._comment(issue_id, f"Conveyor: no repository is configured for Linear team `{team}` (set `linear_team` in conveyor.toml).")
             return {"ignored": f"no repository for Linear team {team}"}, 200
+        # Whoever added the label is the requester. The issue's creator is not a stand-in: an
+        # automation or an unmapped user labeling an invoker's issue would act as that invoker.
         actor = payload.get("actor") or {}
-        if not actor.get("id") and data.get("creatorId"):
-            actor = {"id": data["creatorId"]}
         if not actor.get("id"):
             return {"ignored": "the event names no Linear user"}, 200
         try:

@@ -112,6 +112,15 @@ async def test_replayed_body_under_fresh_delivery_ids_starts_nothing_new(stack):
     assert again["task_id"] == first["task_id"] and again["started"] is False
 
 
+async def test_event_without_an_actor_is_not_attributed_to_the_creator(stack):
+    s = stack
+    emu = s["emu"]
+    issue = emu.add_issue(s["team"], "Drop the users table", labels=[s["label"]], creator=s["ada"])
+    status, body = await deliver(s, emu.issue_webhook("create", issue, None))
+    assert status == 200 and "names no Linear user" in body.get("ignored", ""), body
+    assert s["started"] == []
+
+
 async def test_label_added_by_update_starts_but_other_updates_do_not(stack):
     s = stack
     emu = s["emu"]
