@@ -129,7 +129,10 @@ class RepoPolicy(BaseModel):
     def allows(self, role: Literal["invokers", "approvers", "reverters"], principal: str, bare_id: str) -> bool:
         """Pure policy check, safe to call from workflow code."""
         entries = getattr(self, role)
-        return "*" in entries or principal in entries or bare_id in entries
+        # A bare entry ("U123ABC") is a Slack user id, as documented. Matching it against any
+        # kind would let a GitHub login or a local user named "U123ABC" act as that person.
+        bare_ok = principal == f"slack:{bare_id}" and ":" not in bare_id
+        return "*" in entries or principal in entries or (bare_ok and bare_id in entries)
 
 
 class SlackSettings(BaseModel):

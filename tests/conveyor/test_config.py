@@ -139,7 +139,11 @@ def test_allows_star_bare_ids_and_principals():
     assert web.allows("invokers", "local:alice", "alice")
     assert not web.allows("invokers", "slack:alice", "alice2")  # kind:id must match exactly
     assert not web.allows("invokers", "github:U1", "U9")
-    assert web.allows("approvers", "slack:U2", "U2")  # a bare id matches whatever the kind
+    assert web.allows("approvers", "slack:U2", "U2")  # a bare id is a Slack user id
+    # ...and only that: a GitHub login, local user or Linear id spelled "U2" is someone else
+    assert not web.allows("approvers", "github:U2", "U2")
+    assert not web.allows("approvers", "local:U2", "U2")
+    assert not web.allows("approvers", "linear:U2", "U2")
     assert not web.allows("approvers", "slack:U1", "U1")
     assert web.allows("reverters", "linear:anyone", "anyone")  # "*"
     assert not parse_config(FULL).repo("api").allows("invokers", "local:alice", "alice")  # empty list: nobody
