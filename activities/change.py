@@ -48,8 +48,15 @@ def one_line(text: str, limit: int = TITLE_CHARS) -> str:
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
+def quoted(text: str) -> str:
+    """Untrusted text (task, agent summary) indented inside a commit message, so none of its lines
+    can pose as one of our trailers (Conveyor-Task:, Conveyor-Reverts:, Co-authored-by:), which the
+    code hosts read back to find a change, a merge or a revert."""
+    return "\n".join(f"    {ln}" if ln.strip() else "" for ln in text.splitlines())
+
+
 def coauthor(identity: Identity) -> str:
-    name = re.sub(r"[<>\n]", "", identity.display or identity.id)
+    name = " ".join(re.sub(r"[<>\x00-\x1f\x7f]", " ", identity.display or identity.id).split())
     email = f"{identity.kind}-{re.sub(r'[^A-Za-z0-9._-]', '', identity.id)}@users.noreply.conveyor"
     return f"{name} <{email}>"
 
@@ -66,11 +73,11 @@ class ChangeActivities:
         parts = [
             f"conveyor: {one_line(inp.text)}",
             "",
-            f"Task ({inp.origin.source}, requested by {inp.requester}):",
-            inp.text.strip()[:2000],
+            f"Task ({inp.origin.source}, requested by {one_line(str(inp.requester), 200)}):",
+            quoted(inp.text.strip()[:2000]),
         ]
         if summary:
-            parts += ["", "Agent summary:", summary]
+            parts += ["", "Agent summary:", quoted(summary)]
         parts += [
             "",
             f"Co-authored-by: {coauthor(inp.requester)}",

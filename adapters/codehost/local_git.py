@@ -25,6 +25,11 @@ from conveyor.models import ChangeRequest, ChecksResult, MergeResult, RevertResu
 ZERO = "0" * 40
 
 
+def has_line(message: str, line: str) -> bool:
+    """`line` is a whole line of `message` (trailers are matched exactly, never as substrings)."""
+    return line in message.splitlines()
+
+
 class LocalGitCodeHost:
     name = "local"
 
@@ -158,7 +163,7 @@ class LocalGitCodeHost:
                     run_git("update-ref", ref, head, ZERO, git_dir=gd)  # create-only
                 except GitError:
                     head = self._rev(gd, ref) or head
-            elif f"Conveyor-Task: {request.task_id}" not in git_text("log", "-1", "--format=%B", head, git_dir=gd):
+            elif not has_line(git_text("log", "-1", "--format=%B", head, git_dir=gd), f"Conveyor-Task: {request.task_id}"):
                 # A follow-up task on an existing change: its patch was made on the branch head.
                 new = self._commit_patch(gd, request, parent=head)
                 try:
@@ -215,10 +220,17 @@ class LocalGitCodeHost:
     # ---- merge and revert --------------------------------------------------------------
 
     def _find(self, gd: Path, base: str, grep: str, merges: bool) -> str | None:
-        args = ["log", "-1", "--format=%H", "-F", f"--grep={grep}", f"refs/heads/{base}"]
+        """The newest commit on `base` with `grep` as a whole line of its message. A substring
+        match would let quoted task text or an agent summary ("    Conveyor-Reverts: cv-...")
+        in any commit pass for our own trailer and turn a revert or merge into a no-op."""
+        args = ["log", "-n50", "--format=%H%x00%B%x1e", "-F", f"--grep={grep}", f"refs/heads/{base}"]
         if merges:
             args.insert(1, "--merges")
-        return git_text(*args, git_dir=gd) or None
+        for entry in git_text(*args, git_dir=gd).split("\x1e"):
+            sha, _, body = entry.strip("\n").partition("\0")
+            if sha and has_line(body, grep):
+                return sha
+        return None
 
     def _advance(self, repo: RepoPolicy, gd: Path, base: str, new: str, old: str) -> None:
         """Move `base` from old to new. If it is checked out in a working repository, update that

@@ -279,3 +279,37 @@ def test_untracked_file_in_the_way_is_a_clear_final_error(tmp_path):
     assert not err.value.retryable and "app/new.py" in str(err.value)
     assert git_text("rev-parse", "main", cwd=work) == base
     assert (work / "app" / "new.py").read_text() == "my untracked draft\n"
+
+
+def test_quoted_trailer_in_another_commit_does_not_fake_a_revert(host, repo, origin):
+    """A later commit whose message quotes "Conveyor-Reverts: <task>" (task text, agent summary)
+    must not make the real revert a silent no-op."""
+    base = host.resolve_base(repo, "main")
+    change = host.publish(repo, publish_request(origin, base, CHANGE))
+    merged = host.merge(repo, change, change.head_sha, MERGE_MSG).merge_sha
+    commit_on(origin, "main", {"README.md": "# upload-service\n\nLater.\n"},
+              message=f"Other task\n\n    Conveyor-Reverts: {TASK}\nX-Conveyor-Reverts: {TASK}\n")
+    message = f"Revert\n\nThis reverts merge {merged}.\nConveyor-Reverts: {TASK}\n"
+    result = host.revert(repo, "main", merged, message, TASK, emergency=True)
+    assert not result.already
+    assert g(origin, "rev-parse", "main") == result.revert_sha
+    assert g(origin, "show", "main:app/config.py").endswith("RETRIES = 1")
+
+
+def test_quoted_task_trailer_does_not_fake_a_merge(host, repo, origin):
+    base = host.resolve_base(repo, "main")
+    change = host.publish(repo, publish_request(origin, base, CHANGE))
+    # someone's merge on main quotes this task's trailer (indented): not our merge
+    side = commit_on(origin, "main", {"README.md": "# upload-service\n\nSide.\n"})
+    assert side
+    gd = origin if is_bare(origin) else origin / ".git"
+    tree = git_text("rev-parse", "main^{tree}", git_dir=gd)
+    fake = git_text("commit-tree", tree, "-p", "main", "-p", base, git_dir=gd,
+                    input=f"Merge other\n\n    Conveyor-Task: {TASK}\n".encode())
+    if is_bare(origin):
+        run_git("update-ref", "refs/heads/main", fake, git_dir=gd)
+    else:
+        run_git("merge", "-q", "--ff-only", fake, cwd=origin)
+    result = host.merge(repo, change, change.head_sha, MERGE_MSG)
+    assert result.outcome == "merged" and result.detail != "already merged"
+    assert g(origin, "rev-parse", "main") == result.merge_sha != fake
