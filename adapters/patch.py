@@ -63,6 +63,15 @@ def check_path(path: str) -> str:
     return path
 
 
+def check_symlink(link: str, target: str) -> None:
+    """A symlink at `link` (repository-relative) whose target stays in the tree and out of .git."""
+    if target.startswith("/"):
+        raise PatchRejected(f"symlink {link!r} points outside the tree: {target!r}")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
+    if resolved == ".." or resolved.startswith("../") or resolved.split("/")[0].lower() == ".git":
+        raise PatchRejected(f"symlink {link!r} points outside the tree: {target!r}")
+
+
 def _strip_prefix(path: str, prefix: str) -> str:
     if path == "/dev/null":
         return ""
@@ -136,11 +145,7 @@ def validate_patch(patch: bytes, max_bytes: int, max_files: int | None = None) -
             raise PatchRejected(f"binary symlink target at {current!r}")
     for link, targets in symlink_targets.items():
         for target in targets:
-            if target.startswith("/"):
-                raise PatchRejected(f"symlink {link!r} points outside the tree: {target!r}")
-            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
-            if resolved == ".." or resolved.startswith("../") or resolved.split("/")[0].lower() == ".git":
-                raise PatchRejected(f"symlink {link!r} points outside the tree: {target!r}")
+            check_symlink(link, target)
     if max_files is not None and len(stats.files) > max_files:
         raise PatchRejected(f"patch changes {len(stats.files)} files; the limit is {max_files}")
     return stats

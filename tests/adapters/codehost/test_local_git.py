@@ -313,3 +313,39 @@ def test_quoted_task_trailer_does_not_fake_a_merge(host, repo, origin):
     result = host.merge(repo, change, change.head_sha, MERGE_MSG)
     assert result.outcome == "merged" and result.detail != "already merged"
     assert g(origin, "rev-parse", "main") == result.merge_sha != fake
+
+
+@pytest.mark.parametrize("how", ["rename", "copy"])
+def test_renamed_in_tree_symlink_that_escapes_is_refused(host, tmp_path, how):
+    """`sub/link -> ../README.md` stays in the tree; renamed or copied to the top it points out of
+    it. The patch text shows no mode, so only the applied tree can tell."""
+    bare = make_repo(tmp_path / "sym.git", FILES)
+    with tempfile.TemporaryDirectory() as work:
+        run_git("clone", "-q", str(bare), work)
+        (Path(work) / "sub").mkdir()
+        os.symlink("../README.md", Path(work) / "sub" / "link")
+        run_git("add", "sub", cwd=work)
+        run_git("commit", "-q", "-m", "in-tree link", cwd=work)
+        run_git("push", "-q", "origin", "HEAD:refs/heads/main", cwd=work)
+    repo = RepoPolicy(name="sym", url=str(bare))
+    base = host.resolve_base(repo, "main")
+    verb = "rename" if how == "rename" else "copy"
+    patch = f"diff --git a/sub/link b/link\nsimilarity index 100%\n{verb} from sub/link\n{verb} to link\n".encode()
+    from adapters.patch import validate_patch
+
+    validate_patch(patch, 10**6)  # the text alone passes...
+    req = publish_request(bare, base, {}).model_copy(update={"patch": patch})
+    with pytest.raises(CodeHostError, match="points outside the tree") as err:
+        host.publish(repo, req)  # ...the applied tree does not
+    assert not err.value.retryable
+    assert git_text("for-each-ref", "refs/heads/conveyor/", git_dir=bare) == ""
+
+
+def test_in_tree_symlink_still_publishes(host, tmp_path):
+    bare = make_repo(tmp_path / "ok.git", FILES)
+    repo = RepoPolicy(name="ok", url=str(bare))
+    base = host.resolve_base(repo, "main")
+    patch = (b"diff --git a/docs/link b/docs/link\nnew file mode 120000\nindex 0000000..1111111\n--- /dev/null\n"
+             b"+++ b/docs/link\n@@ -0,0 +1 @@\n+../README.md\n\\ No newline at end of file\n")
+    change = host.publish(repo, publish_request(bare, base, {}).model_copy(update={"patch": patch}))
+    assert git_text("cat-file", "-p", f"{change.head_sha}:docs/link", git_dir=bare) == "../README.md"
