@@ -99,6 +99,9 @@ class AuditEvent(BaseModel):
     action: str
     """invoked, approved, rejected, reverted, cancelled, refused, stage, egress, ..."""
     by: str = ""
+    """Who, as shown to people (a display name when there is one: chosen by the user, not unique)."""
+    principal: str = ""
+    """Who, as policy knows them ("slack:U123"): the part of the trail that cannot be spoofed."""
     via: str = ""
     detail: str = ""
 

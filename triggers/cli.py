@@ -95,7 +95,8 @@ def print_status(status: TaskStatus, as_json: bool) -> None:
         print(f"  warning:   {warning}")
     print("  audit:")
     for event in status.audit:
-        who = f" by {event.by}" if event.by else ""
+        shown = f"{event.by} ({event.principal})" if event.principal and event.principal != event.by else event.by
+        who = f" by {shown}" if shown else ""
         via = f" via {event.via}" if event.via else ""
         print(f"    {event.at:%Y-%m-%d %H:%M:%S} {event.action}{who}{via} {event.detail}".rstrip())
 

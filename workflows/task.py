@@ -83,7 +83,8 @@ class AuditTrail:
         audit = self.status.audit
         if len(audit) >= MAX_AUDIT:  # bounded history: keep the first entries and the newest
             del audit[MAX_AUDIT // 2]
-        audit.append(AuditEvent(at=workflow.now(), action=action, by=str(by), via=via, detail=detail[:500]))
+        principal = by.principal if isinstance(by, Identity) else ""
+        audit.append(AuditEvent(at=workflow.now(), action=action, by=str(by), principal=principal, via=via, detail=detail[:500]))
 
     def stage(self, stage: Stage, detail: str = "") -> None:
         self.status.stage = stage

@@ -117,7 +117,7 @@ async def test_review_commands(cli, client, settings, bare_repo):
     assert stages[second_id] == "rejected" and stages[third_id] == "cancelled"
     assert stages[task_id] in ("merged", "reverted")  # visibility may lag the revert by a moment
     assert human.code == 0 and human.out.startswith(f"{task_id}  reverted")
-    assert f"revert_requested by {local_user()} via cli broke uploads" in human.out
+    assert f"revert_requested by {local_user()} (local:{local_user()}) via cli broke uploads" in human.out
 
 
 async def test_errors_are_one_line(cli, client, settings, bare_repo, tmp_path):

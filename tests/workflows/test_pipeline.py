@@ -104,6 +104,9 @@ async def test_signals_checked_against_policy(client, settings, policy, bare_rep
     assert status.stage == Stage.merged
     assert status.audit[-1].detail == "revert: not a reverter for this repository"
     assert status.audit[-1].by == "Mallory"
+    # the display name is the user's to choose; the trail also keeps who policy saw
+    assert status.audit[-1].principal == "local:mallory"
+    assert {e.principal for e in status.audit if e.action == "approved"} == {"local:carol"}
     assert len([c for c in git(bare_repo, "log", "--merges", "--format=%H", "main").split() if c]) == 1
 
 
