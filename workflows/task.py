@@ -296,6 +296,9 @@ class AgentTaskWorkflow:
                 start_to_close_timeout=timedelta(minutes=1),
                 retry_policy=HOST_RETRY,
             )
+            if self.cancellation:  # accepted while the checks were being read: honour it, never merge
+                await self._cancelled()
+                return False
             if result.state == "green":
                 return True
             if result.state == "failed":
