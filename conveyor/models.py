@@ -5,6 +5,7 @@ Everything here must stay importable from workflow code (no I/O, no adapters).
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import Enum
 from typing import Literal
@@ -47,6 +48,17 @@ class Origin(BaseModel):
     """The triggering conversation (Slack thread messages, Linear description/comments)."""
 
 
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|^[-/.]|/\.|[/.]$|\.lock$|\.lock/")
+
+
+def check_branch(name: str) -> str:
+    """A branch name by git's rules (check-ref-format), refused with one line otherwise: it comes
+    from the requester (Slack `base:`, CLI --base) and ends up in `refs/heads/<name>`."""
+    if not name or len(name) > 200 or _BAD_REF.search(name) or name == "@":
+        raise ValueError(f"{name!r} is not a valid branch name")
+    return name
+
+
 class TaskRequest(BaseModel):
     """The one input of AgentTaskWorkflow. The repo policy is snapshotted at start so a PR can
     never change the rules it is judged by."""
@@ -60,6 +72,19 @@ class TaskRequest(BaseModel):
     agent: str = "command"
     follow_up_branch: str = ""
     """Set when a task continues an existing change (a `/agent` comment on a Conveyor PR)."""
+
+    @field_validator("base")
+    @classmethod
+    def _base_ok(cls, base: str) -> str:
+        return check_branch(base)
+
+    @field_validator("task_id")
+    @classmethod
+    def _task_id_ok(cls, task_id: str) -> str:
+        # it names files (change records) and workflow ids: no separators, no dot-dot
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", task_id) or ".." in task_id:
+            raise ValueError(f"{task_id!r} is not a valid task id")
+        return task_id
 
     @field_validator("text")
     @classmethod

@@ -121,7 +121,7 @@ def build_request(
             agent=agent or repo.agent,
         )
     except ValidationError as exc:
-        raise BadTask(exc.errors()[0]["msg"]) from None
+        raise BadTask(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 async def start_task(client: Client, request: TaskRequest, settings: Settings) -> StartResult:

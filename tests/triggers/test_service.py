@@ -48,3 +48,18 @@ async def test_a_redelivered_trigger_starts_one_task(client, settings, policy):
 def test_unauthorized_invoker_is_refused(policy):
     with pytest.raises(service.Refused, match="may not start tasks"):
         service.build_request(policy, "echo x", person("mallory"), Origin(source="cli"))
+
+
+@pytest.mark.parametrize("base", ["main@{1}", "../../config", "-x", "a b", "x.lock", "HEAD~1", "a..b"])
+def test_bad_base_branch_is_one_clear_line(policy, base):
+    """`base:` comes from the requester (Slack text, --base) and becomes refs/heads/<base>."""
+    with pytest.raises(service.BadTask) as err:
+        service.build_request(policy, "echo x", person("alice"), Origin(source="slack"), base=base)
+    assert str(err.value) == f"{base!r} is not a valid branch name"
+
+
+def test_task_id_cannot_name_a_path(policy):
+    with pytest.raises(service.BadTask, match="not a valid task id"):
+        service.build_request(policy, "echo x", person("alice"), Origin(source="cli"), task_id="../../etc/x")
+    ok = service.build_request(policy, "echo x", person("alice"), Origin(source="cli"), base="release/1.2")
+    assert ok.base == "release/1.2" and ok.task_id.startswith("cv-")
