@@ -90,7 +90,9 @@ class AgentActivities:
             start_sha = inp.base_sha
             if inp.follow_up_branch:
                 start_sha = host.resolve_base(inp.repo, inp.follow_up_branch)
-            await asyncio.to_thread(host.checkout, inp.repo, start_sha, workspace)
+            # A big repository takes longer than the heartbeat timeout to check out: heartbeat
+            # through it too, or the attempt is timed out before the agent ever starts.
+            await self._with_heartbeats(asyncio.to_thread(host.checkout, inp.repo, start_sha, workspace))
             try:
                 invocation = agent.invocation(task)
             except ValueError as exc:  # e.g. a model agent on a repo whose policy lists no model key
