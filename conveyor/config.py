@@ -6,7 +6,6 @@ cannot rewrite the policy it is reviewed under.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import os
 import re
@@ -246,10 +245,14 @@ class ConveyorConfig(BaseModel):
 
 
 def local_user() -> str:
+    """The OS account running the CLI. Not getpass.getuser(): that reads LOGNAME/USER first, so
+    `USER=alice conveyor approve` would act as alice (e.g. approve one's own task)."""
     try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry (containers)
-        return str(os.getuid())
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):  # no passwd entry (containers)
+        return str(os.geteuid())
 
 
 def adhoc_repo_policy(path_or_url: str, base: str | None = None) -> RepoPolicy:

@@ -217,3 +217,12 @@ def test_quoted_repo_name_line_numbers():
         parse_config(text)
     assert 'repos.acme.web.sandbox.pids (line 5)' in str(err.value)
     assert parse_config('[repos."acme.web"]\nurl = "/x"\n').repo("acme.web").url == "/x"
+
+
+def test_local_user_is_the_os_account_not_the_environment(monkeypatch):
+    import pwd
+
+    real = pwd.getpwuid(os.geteuid()).pw_name
+    for var in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(var, "someone-else")
+    assert local_user() == real != "someone-else"
