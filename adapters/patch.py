@@ -58,9 +58,21 @@ def check_path(path: str) -> str:
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise PatchRejected(f"patch path leaves the tree or is not normalized: {path!r}")
-    if any(p.lower() in (".git",) or p.lower().startswith(".git~") for p in parts):
+    if any(_is_git_dir(p) for p in parts):
         raise PatchRejected(f"patch changes git metadata: {path!r}")
     return path
+
+
+# Code points HFS+ ignores in names, so ".g\u200cit" IS ".git" on a Mac checkout.
+_HFS_IGNORED = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
+
+
+def _is_git_dir(part: str) -> bool:
+    """A name some filesystem resolves to `.git`: any case, HFS+ ignorable code points, NTFS trailing
+    dots/spaces, alternate streams (".git::$INDEX_ALLOCATION") and the 8.3 short name GIT~1."""
+    name = _HFS_IGNORED.sub("", part).lower()
+    trimmed = name.split(":", 1)[0].rstrip(". ")
+    return trimmed == ".git" or name.startswith(".git~") or trimmed == "git~1"
 
 
 def check_symlink(link: str, target: str) -> None:
@@ -68,7 +80,7 @@ def check_symlink(link: str, target: str) -> None:
     if target.startswith("/"):
         raise PatchRejected(f"symlink {link!r} points outside the tree: {target!r}")
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
-    if resolved == ".." or resolved.startswith("../") or resolved.split("/")[0].lower() == ".git":
+    if resolved == ".." or resolved.startswith("../") or _is_git_dir(resolved.split("/")[0]):
         raise PatchRejected(f"symlink {link!r} points outside the tree: {target!r}")
 
 

@@ -104,6 +104,11 @@ def _retarget(patch: bytes, old: str, new: str) -> bytes:
         ("a/.git/x", "git metadata"),
         ("vendor/lib/.Git/config", "git metadata"),
         (".git~1/config", "git metadata"),  # the 8.3 short name of .git on NTFS
+        ("GIT~1/config", "git metadata"),  # ...as Windows actually spells it
+        (".g\u200cit/config", "git metadata"),  # HFS+ ignores U+200C: this is .git on a Mac
+        ("x/\ufeff.GIT/hooks/pre-commit", "git metadata"),
+        (".git./config", "git metadata"),  # NTFS drops trailing dots
+        (".git::$INDEX_ALLOCATION/config", "git metadata"),  # NTFS alternate data stream
     ],
 )
 def test_refuses_paths_outside_or_into_git(repo, evil, why):
@@ -133,7 +138,7 @@ def test_refuses_rename_out_of_the_tree(repo):
 
 @pytest.mark.parametrize(
     "target",
-    ["/etc/passwd", "../../etc/shadow", "src/../../x", "..", ".git/hooks", ".GIT", "src/../.git/config"],
+    ["/etc/passwd", "../../etc/shadow", "src/../../x", "..", ".git/hooks", ".GIT", "src/../.git/config", ".g\u200cit/hooks"],
 )
 def test_refuses_symlinks_pointing_out_or_into_git(repo, target):
     os.symlink(target, repo / "link")
