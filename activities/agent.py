@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -22,6 +22,7 @@ from conveyor.models import AgentOutcome, AgentRunInput, AgentRunResult
 
 HEARTBEAT_EVERY_S = 1.0
 MAX_SLOTS = 8
+SLOT_POLL_S = 0.5
 
 _LIMIT_OUTCOMES = {
     Outcome.timeout: AgentOutcome.timeout,
@@ -45,9 +46,8 @@ class AgentActivities:
     def __init__(self, deps: Deps):
         self.deps = deps
 
-    @contextmanager
-    def _workspace(self, repo_key: str):
-        """A warm workspace slot for this repo, held exclusively for one run."""
+    def _try_slot(self, repo_key: str):
+        """A free warm workspace slot for this repo (path, held lock), or None if all are busy."""
         root = self.deps.settings.workspaces_dir / repo_key
         root.mkdir(parents=True, exist_ok=True)
         for slot in range(MAX_SLOTS):
@@ -57,12 +57,22 @@ class AgentActivities:
             except BlockingIOError:
                 lock.close()
                 continue
-            try:
-                yield root / f"slot-{slot}"
-            finally:
-                lock.close()
-            return
-        raise ApplicationError(f"all {MAX_SLOTS} workspaces for {repo_key} are busy")  # retried
+            return root / f"slot-{slot}", lock
+        return None
+
+    @asynccontextmanager
+    async def _workspace(self, repo_key: str):
+        """A warm workspace slot for this repo, held exclusively for one run. When all are busy,
+        wait (heartbeating) for one: failing would spend one of the run's few attempts per second,
+        so a burst of more tasks than slots would fail the extra tasks outright."""
+        while (got := self._try_slot(repo_key)) is None:
+            activity.heartbeat()
+            await asyncio.sleep(SLOT_POLL_S)
+        path, lock = got
+        try:
+            yield path
+        finally:
+            lock.close()
 
     @activity.defn(name="run_agent")
     @host_errors
@@ -85,7 +95,7 @@ class AgentActivities:
             max_cost_usd=inp.repo.max_cost_usd,
             model_base_url=model_base_url(policy.secrets),
         )
-        with self._workspace(self.deps.repo_key(inp.repo)) as workspace:
+        async with self._workspace(self.deps.repo_key(inp.repo)) as workspace:
             host = self.deps.codehost(inp.repo)
             start_sha = inp.base_sha
             if inp.follow_up_branch:

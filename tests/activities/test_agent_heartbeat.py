@@ -24,3 +24,29 @@ async def test_slow_checkout_does_not_time_out_the_agent_run(client, settings, p
         task_id = await start(client, settings, policy, "echo change >> README.md")
         status = await wait_stage(client, task_id, Stage.awaiting_review, Stage.failed, Stage.agent_failed, timeout=40)
     assert status.stage == Stage.awaiting_review, status.detail
+
+
+async def test_busy_workspaces_are_waited_for_not_failed(client, settings, policy):
+    """More concurrent tasks than warm slots: the extra run waits for a slot (heartbeating)
+    instead of failing its few attempts within seconds."""
+    import asyncio
+    import fcntl
+
+    from activities.agent import MAX_SLOTS
+    from activities.base import Deps
+
+    root = settings.workspaces_dir / Deps(settings).repo_key(policy)
+    root.mkdir(parents=True, exist_ok=True)
+    held = []
+    for slot in range(MAX_SLOTS):  # another worker's runs hold every slot
+        fh = open(root / f"slot-{slot}.lock", "w")
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(fh)
+    async with running_worker(client, settings):
+        task_id = await start(client, settings, policy, "echo change >> README.md")
+        await wait_stage(client, task_id, Stage.running)
+        await asyncio.sleep(5)  # longer than all of the run's retries take to fail
+        for fh in held:
+            fh.close()
+        status = await wait_stage(client, task_id, Stage.awaiting_review, Stage.failed, Stage.agent_failed, timeout=40)
+    assert status.stage == Stage.awaiting_review, status.detail
