@@ -9,6 +9,7 @@ and refusals are recorded in the audit trail rather than acted on.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
@@ -130,6 +131,12 @@ class AgentTaskWorkflow:
         self.trail.record("invoked", req.requester, via=req.origin.source, detail=req.text[:200])
         try:
             await self._pipeline(req)
+        except asyncio.CancelledError:
+            # Cancelled from Temporal itself (UI, `temporal workflow cancel`), not by signal: the
+            # open change must not be left behind for someone to approve by hand.
+            self.trail.stage(Stage.cancelled, "cancelled in Temporal")
+            await self._close("the task was cancelled in Temporal")
+            raise
         except ActivityError as err:
             self.trail.stage(Stage.failed, failure_message(err))
             await self._notify("failed", f"Task failed: {self.st.detail}")

@@ -10,7 +10,7 @@ from temporalio.worker import Worker
 
 from activities import build_activities
 from conveyor.models import ChecksInput, ChecksResult, Stage
-from tests.conftest import decision, git, start, wait_audit, wait_stage
+from tests.conftest import decision, git, running_worker, start, wait_audit, wait_stage
 from triggers import service
 from workers.main import WORKFLOWS
 
@@ -40,3 +40,21 @@ async def test_cancel_accepted_while_checks_are_read_is_honoured(client, setting
         status = await wait_stage(client, task_id, Stage.cancelled, Stage.merged)
     assert status.stage == Stage.cancelled
     assert git(bare_repo, "rev-parse", "main") == base
+
+
+async def test_cancelled_in_temporal_closes_the_open_change(client, settings, policy, bare_repo):
+    """A cancel from Temporal itself (UI, CLI) rather than the cancel signal still closes the change."""
+    import json
+
+    async with running_worker(client, settings):
+        task_id = await start(client, settings, policy, "echo change >> README.md")
+        await wait_stage(client, task_id, Stage.awaiting_review)
+        await client.get_workflow_handle(task_id).cancel()
+        for _ in range(200):
+            records = [json.loads(p.read_text()) for p in (settings.home / "changes").rglob("*.json")]
+            if records and records[0]["state"] != "open":
+                break
+            await asyncio.sleep(0.05)
+        status = await service.task_status(client, task_id)  # answered from history by the worker
+    assert len(records) == 1 and records[0]["state"] == "closed", records
+    assert status.stage == Stage.cancelled and status.detail == "cancelled in Temporal"
