@@ -102,7 +102,14 @@ class AgentActivities:
                 start_sha = host.resolve_base(inp.repo, inp.follow_up_branch)
             # A big repository takes longer than the heartbeat timeout to check out: heartbeat
             # through it too, or the attempt is timed out before the agent ever starts.
-            await self._with_heartbeats(asyncio.to_thread(host.checkout, inp.repo, start_sha, workspace))
+            checkout = asyncio.ensure_future(asyncio.to_thread(host.checkout, inp.repo, start_sha, workspace))
+            try:
+                await self._with_heartbeats(asyncio.shield(checkout))
+            except asyncio.CancelledError:
+                # A thread cannot be interrupted: keep the slot locked until git is done writing
+                # into it, or the next run would share the workspace with a checkout in flight.
+                await asyncio.wait({checkout})
+                raise
             try:
                 invocation = agent.invocation(task)
             except ValueError as exc:  # e.g. a model agent on a repo whose policy lists no model key
