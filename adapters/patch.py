@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import posixpath
 import re
+from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+from adapters.git import run_git
 
 
 class PatchRejected(Exception):
@@ -161,3 +164,19 @@ def validate_patch(patch: bytes, max_bytes: int, max_files: int | None = None) -
     if max_files is not None and len(stats.files) > max_files:
         raise PatchRejected(f"patch changes {len(stats.files)} files; the limit is {max_files}")
     return stats
+
+
+def check_applied_tree(git_dir: Path, parent: str, tree: str) -> None:
+    """What the patch actually produced, checked after applying it: the text checks in
+    validate_patch cannot see modes of files it does not show, so a rename or copy of an existing
+    in-tree symlink to a shallower path (`sub/l -> ../a` renamed to `l`) would escape."""
+    out = run_git("diff-tree", "-r", "-z", "--no-renames", parent, tree, git_dir=git_dir).split(b"\0")
+    for meta, path in zip(out[0::2], out[1::2]):
+        fields = meta.decode().lstrip(":").split()
+        if len(fields) < 5 or fields[4] == "D":
+            continue
+        name = path.decode("utf-8", "surrogateescape")
+        if fields[1] == "160000":
+            raise PatchRejected(f"patch adds a submodule (gitlink) at {name!r}")
+        if fields[1] == "120000":
+            check_symlink(name, run_git("cat-file", "blob", fields[3], git_dir=git_dir).decode("utf-8", "surrogateescape"))

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapters.codehost.base import CodeHostError
+from adapters.patch import PatchRejected, check_applied_tree
 
 # Config for every git command we run: no hooks, no fsmonitor, no pager, no prompts, no
 # credential helpers from the worker's own ~/.gitconfig.
@@ -168,6 +169,10 @@ class GitMirror:
                 self.git("apply", "--cached", "--binary", "--whitespace=nowarn", "-", input=patch, extra_env=env,
                          what="applying the patch")
             tree = self.git("write-tree", extra_env=env).stdout.decode().strip()
+        try:  # what the patch produced, not just what its text shows (renamed symlinks, gitlinks)
+            check_applied_tree(self.path, base_sha, tree)
+        except PatchRejected as exc:
+            raise CodeHostError(f"patch refused: {exc}", retryable=False) from None
         sha = self.git("commit-tree", tree, "-p", base_sha, "-F", "-", input=message.encode()).stdout.decode().strip()
         return sha, tree
 

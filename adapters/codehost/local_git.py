@@ -19,7 +19,7 @@ from pathlib import Path
 
 from adapters.codehost.base import CodeHostError, CommitInfo, PublishRequest
 from adapters.git import GitError, git_dir_of, git_text, merge_tree, run_git
-from adapters.patch import PatchRejected, check_symlink
+from adapters.patch import PatchRejected, check_applied_tree
 from conveyor.config import RepoPolicy, Settings
 from conveyor.models import ChangeRequest, ChecksResult, MergeResult, RevertResult
 
@@ -29,25 +29,6 @@ ZERO = "0" * 40
 def has_line(message: str, line: str) -> bool:
     """`line` is a whole line of `message` (trailers are matched exactly, never as substrings)."""
     return line in message.splitlines()
-
-
-def check_tree(gd: Path, parent: str, tree: str) -> None:
-    """What the patch actually produced, checked after applying it: the text checks in
-    validate_patch cannot see modes of files it does not show, so a rename or copy of an existing
-    in-tree symlink to a shallower path (`sub/l -> ../a` renamed to `l`) would escape."""
-    out = run_git("diff-tree", "-r", "-z", "--no-renames", parent, tree, git_dir=gd).split(b"\0")
-    for meta, path in zip(out[0::2], out[1::2]):
-        fields = meta.decode().lstrip(":").split()
-        if len(fields) < 5 or fields[4] == "D":
-            continue
-        name = path.decode("utf-8", "surrogateescape")
-        try:
-            if fields[1] == "160000":
-                raise PatchRejected(f"patch adds a submodule (gitlink) at {name!r}")
-            if fields[1] == "120000":
-                check_symlink(name, run_git("cat-file", "blob", fields[3], git_dir=gd).decode("utf-8", "surrogateescape"))
-        except PatchRejected as exc:
-            raise CodeHostError(f"patch refused: {exc}", retryable=False) from None
 
 
 class LocalGitCodeHost:
@@ -219,7 +200,10 @@ class LocalGitCodeHost:
             except GitError as exc:
                 raise CodeHostError(f"the patch does not apply to {parent[:12]}: {exc.stderr.strip()[:300]}", retryable=False) from None
             tree = git_text("write-tree", git_dir=gd, env=env)
-        check_tree(gd, parent, tree)
+        try:
+            check_applied_tree(gd, parent, tree)
+        except PatchRejected as exc:
+            raise CodeHostError(f"patch refused: {exc}", retryable=False) from None
         return git_text("commit-tree", tree, "-p", parent, git_dir=gd, input=request.commit_message.encode())
 
     def close(self, repo: RepoPolicy, change: ChangeRequest, reason: str) -> None:

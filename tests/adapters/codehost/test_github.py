@@ -479,3 +479,22 @@ def test_untrusted_text_in_bodies_and_comments_cannot_ping_or_embed_images(world
     for text in texts:
         assert "![" not in text and "<img" not in text, text
         assert "@acme/" not in text and "@octocat" not in text, text
+
+
+def test_renamed_in_tree_symlink_that_escapes_is_refused(world: World, tmp_path: Path) -> None:
+    """The patch text shows no mode for a pure rename; only the applied tree reveals that
+    `sub/link -> ../README.md` moved to the top points out of the tree."""
+    work = tmp_path / "symlink-work"
+    subprocess.run(["git", "clone", "-q", str(world.bare), str(work)], check=True)
+    (work / "sub").mkdir()
+    os.symlink("../README.md", work / "sub" / "link")
+    git(work, "add", "sub")
+    git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "in-tree link")
+    git(work, "push", "-q", "origin", "HEAD:refs/heads/main")
+    base = git(work, "rev-parse", "HEAD")
+    patch = b"diff --git a/sub/link b/link\nsimilarity index 100%\nrename from sub/link\nrename to link\n"
+    req = world.request({}).model_copy(update={"patch": patch, "base_sha": base})
+    with pytest.raises(CodeHostError, match="points outside the tree") as err:
+        world.host.publish(world.policy, req)
+    assert not err.value.retryable
+    assert world.emu.branch_sha("acme", "widgets", req.branch) is None
