@@ -138,6 +138,15 @@ class LocalGitCodeHost:
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, path)
 
+    def _records_of(self, repo: RepoPolicy, branch: str) -> list[tuple[str, dict]]:
+        """(task id, record) of the change requests on `branch` (a follow-up shares its branch)."""
+        found = []
+        for path in sorted(self._records(repo).glob("*.json")):
+            record = json.loads(path.read_text())
+            if record["branch"] == branch:
+                found.append((path.stem, record))
+        return found
+
     def _change(self, repo: RepoPolicy, record: dict) -> ChangeRequest:
         return ChangeRequest(
             number=record["number"],
@@ -208,19 +217,16 @@ class LocalGitCodeHost:
 
     def close(self, repo: RepoPolicy, change: ChangeRequest, reason: str) -> None:
         with self._locked(repo):
-            for path in self._records(repo).glob("*.json"):
-                record = json.loads(path.read_text())
-                if record["branch"] == change.branch and record.get("state") == "open":
+            for task_id, record in self._records_of(repo, change.branch):
+                if record.get("state") == "open":
                     record.update(state="closed", closed_reason=reason)
-                    self._save(repo, path.stem, record)
+                    self._save(repo, task_id, record)
 
     def comment(self, repo: RepoPolicy, change: ChangeRequest, text: str) -> None:
         with self._locked(repo):
-            for path in self._records(repo).glob("*.json"):
-                record = json.loads(path.read_text())
-                if record["branch"] == change.branch:
-                    record.setdefault("comments", []).append(text[:65536])
-                    self._save(repo, path.stem, record)
+            for task_id, record in self._records_of(repo, change.branch):
+                record.setdefault("comments", []).append(text[:65536])
+                self._save(repo, task_id, record)
 
     # ---- merge and revert --------------------------------------------------------------
 
@@ -274,11 +280,9 @@ class LocalGitCodeHost:
                 return MergeResult(outcome="needs_rebase", detail=f"{change.base} moved and the change no longer merges cleanly")
             merge = git_text("commit-tree", tree, "-p", base_now, "-p", approved_head, git_dir=gd, input=message.encode())
             self._advance(repo, gd, change.base, merge, base_now)
-            record_path = next((p for p in self._records(repo).glob("*.json") if json.loads(p.read_text())["branch"] == change.branch), None)
-            if record_path:
-                record = json.loads(record_path.read_text())
+            for task_id, record in self._records_of(repo, change.branch):
                 record.update(state="merged", merge=merge)
-                self._save(repo, record_path.stem, record)
+                self._save(repo, task_id, record)
             return MergeResult(outcome="merged", merge_sha=merge)
 
     def revert(self, repo: RepoPolicy, base: str, merge_sha: str, message: str, task_id: str, emergency: bool) -> RevertResult:
