@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -101,20 +102,36 @@ def print_status(status: TaskStatus, as_json: bool) -> None:
         print(f"    {event.at:%Y-%m-%d %H:%M:%S} {event.action}{who}{via} {event.detail}".rstrip())
 
 
-async def follow(client, task_id: str, until: set[Stage], as_json: bool, seen: list[Stage]) -> TaskStatus:
-    """Print each stage as the task moves, until one of `until` (or a terminal stage)."""
+async def poll(
+    client, task_id: str, done: Callable[[TaskStatus], bool], timeout: float | None = None,
+    each: Callable[[TaskStatus], None] | None = None,
+) -> TaskStatus:
+    """Read the task's status every 100 ms until `done` says so (or the timeout passes)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     while True:
         status = await service.task_status(client, task_id)
-        if not seen or seen[-1] != status.stage:
-            seen.append(status.stage)
-            if not as_json:
-                extra = f"  {status.change_url}" if status.stage == Stage.awaiting_review and status.change_url else ""
-                extra += f"  {status.merge_sha}" if status.stage == Stage.merged else ""
-                extra += f"  {status.detail}" if status.stage in TERMINAL_OR_DONE - {Stage.merged} and status.detail else ""
-                print(f"  stage: {status.stage.value}{extra}", flush=True)
-        if status.stage in until or status.stage in TERMINAL_OR_DONE:
+        if each is not None:
+            each(status)
+        if done(status) or (deadline is not None and loop.time() >= deadline):
             return status
         await asyncio.sleep(0.1)
+
+
+async def follow(client, task_id: str, until: set[Stage], as_json: bool, seen: list[Stage]) -> TaskStatus:
+    """Print each stage as the task moves, until one of `until` (or a terminal stage)."""
+
+    def show(status: TaskStatus) -> None:
+        if seen and seen[-1] == status.stage:
+            return
+        seen.append(status.stage)
+        if not as_json:
+            extra = f"  {status.change_url}" if status.stage == Stage.awaiting_review and status.change_url else ""
+            extra += f"  {status.merge_sha}" if status.stage == Stage.merged else ""
+            extra += f"  {status.detail}" if status.stage in TERMINAL_OR_DONE - {Stage.merged} and status.detail else ""
+            print(f"  stage: {status.stage.value}{extra}", flush=True)
+
+    return await poll(client, task_id, lambda s: s.stage in until or s.stage in TERMINAL_OR_DONE, each=show)
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -159,18 +176,13 @@ async def _decide(args, settings: Settings, signal_name: str) -> int:
 
 async def _settle(client, task_id: str, audit_len: int, timeout: float = 30.0) -> TaskStatus:
     """Wait until the signal was recorded and the stage stopped moving (merge, revert landed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    status = await service.task_status(client, task_id)
-    while loop.time() < deadline:
-        status = await service.task_status(client, task_id)
+
+    def settled(status: TaskStatus) -> bool:
         busy = status.stage in (Stage.merging, Stage.reverting, Stage.awaiting_checks) or len(status.audit) <= audit_len
-        if not busy and status.stage != Stage.awaiting_review:
-            return status
-        if not busy and any(e.action in ("refused", "ignored") for e in status.audit[audit_len:]):
-            return status
-        await asyncio.sleep(0.1)
-    return status
+        answered = any(e.action in ("refused", "ignored") for e in status.audit[audit_len:])
+        return not busy and (status.stage != Stage.awaiting_review or answered)
+
+    return await poll(client, task_id, settled, timeout)
 
 
 async def cmd_approve(args, settings):
@@ -191,13 +203,9 @@ async def cmd_revert(args, settings: Settings) -> int:
     decision = Decision(by=me(), via="cli", reason=args.reason or "", emergency=True)
     async with stack(settings) as client:
         how = await service.revert_task(client, args.task_id, decision, settings)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while loop.time() < deadline:
-            status = await service.task_status(client, args.task_id)
-            if status.stage == Stage.reverted or status.audit and status.audit[-1].action == "refused":
-                break
-            await asyncio.sleep(0.1)
+        status = await poll(
+            client, args.task_id, lambda s: s.stage == Stage.reverted or bool(s.audit) and s.audit[-1].action == "refused", 30
+        )
         if status.stage == Stage.reverted:
             print(f"{args.task_id}: reverted ({how}) as {status.revert_sha}")
             return 0
