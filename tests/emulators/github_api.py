@@ -30,11 +30,13 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import jwt
+
+from tests.emulators import LoopbackServer
 
 GIT_HTTP_BACKEND = "/usr/lib/git-core/git-http-backend"
 CHECK_CONCLUSIONS = {"success", "failure", "neutral", "cancelled", "skipped", "timed_out", "action_required", "stale"}
@@ -133,13 +135,11 @@ class TokenInfo:
     installation_id: int | None = None
 
 
-class GitHubEmulator:
+class GitHubEmulator(LoopbackServer):
     """Start with `start()`; `api_url` is the PyGithub base URL, `web_url` the html/clone base."""
 
     def __init__(self, graphql_revert: bool = True):
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.repos: dict[tuple[str, str], Repo] = {}
         self.tokens: dict[str, TokenInfo] = {}
         self.faults: list[Fault] = []
@@ -164,28 +164,8 @@ class GitHubEmulator:
         class Handler(_Handler):
             emu = emulator
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="github-emulator", daemon=True)
-        self._thread.start()
+        self.serve(Handler, "github-emulator")
         return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "GitHubEmulator":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "emulator not started"
-        return self._server.server_address[1]
 
     @property
     def web_url(self) -> str:

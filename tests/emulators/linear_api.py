@@ -18,10 +18,12 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from graphql import GraphQLError, build_schema, graphql_sync
+
+from tests.emulators import LoopbackServer
 
 SDL = """
 scalar DateTime
@@ -125,7 +127,7 @@ def _match_fields(obj: dict, flt: dict) -> bool:
     return True
 
 
-class LinearEmulator:
+class LinearEmulator(LoopbackServer):
     def __init__(self, api_key: str = "lin_api_test_key", webhook_secret: str = "lin_wh_test_secret"):
         self.api_key = api_key
         self.webhook_secret = webhook_secret
@@ -135,8 +137,6 @@ class LinearEmulator:
         """HTTP statuses to answer the next requests with (e.g. [500]) before serving normally."""
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # ---- fixtures -------------------------------------------------------------------------
 
@@ -335,20 +335,12 @@ class LinearEmulator:
                 status, payload = emulator.execute(body)
                 self._send(status, payload)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self.serve(Handler, "linear-emulator")
         return self
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/graphql"
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        return f"http://127.0.0.1:{self.port}/graphql"
 
     # ---- webhooks ------------------------------------------------------------------------
 

@@ -25,8 +25,10 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
+
+from tests.emulators import LoopbackServer
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Call:
     path: str = ""
 
 
-class SlackWebAPI:
+class SlackWebAPI(LoopbackServer):
     def __init__(
         self,
         bot_token: str = "xoxb-test-token",
@@ -65,8 +67,6 @@ class SlackWebAPI:
         self._lock = threading.Condition()
         self._ts = itertools.count(1)
         self._trigger_ids: set[str] = set()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -85,27 +85,8 @@ class SlackWebAPI:
             def do_POST(self) -> None:
                 emulator._handle(self)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=lambda: self._server.serve_forever(poll_interval=0.05), name="slack-emulator", daemon=True)
-        self._thread.start()
+        self.serve(Handler, "slack-emulator")
         return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def __enter__(self) -> "SlackWebAPI":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "emulator not started"
-        return self._server.server_address[1]
 
     @property
     def base_url(self) -> str:
