@@ -91,6 +91,10 @@ class _Stop(Exception):
     pass
 
 
+_WORKING_BWRAP: set[str] = set()
+"""bwrap binaries that created a sandbox in this process."""
+
+
 class BubblewrapSandbox:
     """The local Sandbox. Constructor arguments exist for tests and benchmarks:
     `resolver`/`dial` are passed to the egress proxy (see egress.py), `environ` is where
@@ -127,6 +131,9 @@ class BubblewrapSandbox:
     def available(self) -> str | None:
         if self._probe is not False:
             return self._probe  # type: ignore[return-value]
+        if self.bwrap in _WORKING_BWRAP:  # a backend is made per run; probe a working bwrap once per process
+            self._probe = None
+            return None
         if not os.path.isfile(self.bwrap) or not os.access(self.bwrap, os.X_OK):
             self._probe = "bubblewrap (bwrap) is not installed; install the 'bubblewrap' package"
             return self._probe
@@ -147,6 +154,7 @@ class BubblewrapSandbox:
             self._probe = f"bubblewrap cannot create namespaces here: {err or probe.returncode}"
             return self._probe
         self._probe = None
+        _WORKING_BWRAP.add(self.bwrap)  # failures are not cached: installing bwrap needs no restart
         return None
 
     # ---- public API --------------------------------------------------------------------------
